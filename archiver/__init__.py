@@ -1,0 +1,28 @@
+"""marserve's model archiver: build and open TorchServe-compatible ``.mar`` archives.
+
+The server reads archives through this package too, so the rules for what a valid,
+safe archive is live in one place.
+"""
+
+from .build import ARCHIVE_FORMATS, ArchiveSpec, build_archive, collect_entries
+from .errors import ArchiveError
+from .extract import ExtractLimits, ModelArchive, model_name_from_path, open_archive, read_manifest
+from .manifest import MANIFEST_PATH, Manifest, ModelSection, check_model_name, parse_manifest
+
+__all__ = [
+    "ARCHIVE_FORMATS",
+    "MANIFEST_PATH",
+    "ArchiveError",
+    "ArchiveSpec",
+    "ExtractLimits",
+    "Manifest",
+    "ModelArchive",
+    "ModelSection",
+    "build_archive",
+    "check_model_name",
+    "collect_entries",
+    "model_name_from_path",
+    "open_archive",
+    "parse_manifest",
+    "read_manifest",
+]
