@@ -15,6 +15,7 @@ import shutil
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ BUILTIN_HANDLERS = frozenset(
 _LSP_BUILTIN_HANDLERS = frozenset({"BaseHandler", "TorchScriptHandler"})
 _SKIPPED_DIRS = frozenset({"__MACOSX", "__pycache__"})
 _CHUNK = 1 << 20
+# Entries at least this big are sampled before deflating; see _zip_method.
+_SAMPLE = 1 << 20
 
 Progress = Callable[[int], None]
 
@@ -235,10 +238,21 @@ def _write_zip(sink: BinaryIO, method: int, entries: dict[str, Path], manifest: 
     with zipfile.ZipFile(sink, "w", compression=method, allowZip64=True) as archive:
         for name, source in entries.items():
             info = zipfile.ZipInfo.from_file(source, name)
-            info.compress_type = method
+            info.compress_type = _zip_method(source, method)
             with archive.open(info, "w") as member:
                 _copy(source, member, tick)
         archive.writestr(MANIFEST_PATH, manifest)
+
+
+def _zip_method(source: Path, method: int) -> int:
+    # Deflating data that does not shrink (random, quantised or already compressed weights)
+    # spends most of the archiving time for nothing. Such entries are stored instead, which
+    # every zip reader, TorchServe's included, accepts inside a deflated archive.
+    if method != zipfile.ZIP_DEFLATED or source.stat().st_size < _SAMPLE:
+        return method
+    with open(source, "rb") as src:
+        sample = src.read(_SAMPLE)
+    return zipfile.ZIP_STORED if len(zlib.compress(sample, 1)) > 0.97 * len(sample) else method
 
 
 def _write_tgz(sink: BinaryIO, top: str, entries: dict[str, Path], manifest: str, tick: Progress) -> None:

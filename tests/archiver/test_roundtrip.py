@@ -83,3 +83,20 @@ def test_later_inputs_win_on_name_clashes(model_inputs: Path, tmp_path: Path) ->
     (other / "my_handler.py").write_text("# from extra files\n")
     build_archive(spec_for(model_inputs, tmp_path, "no-archive", extra_files=str(other / "my_handler.py")))
     assert (tmp_path / "toy" / "my_handler.py").read_text() == "# from extra files\n"
+
+
+def test_incompressible_entries_are_stored_in_a_default_archive(tmp_path: Path) -> None:
+    import os
+    import zipfile
+
+    (tmp_path / "random.bin").write_bytes(os.urandom(2 << 20))
+    (tmp_path / "zeros.bin").write_bytes(bytes(2 << 20))
+    spec = ArchiveSpec(
+        model_name="m", version="1", handler="base_handler", export_path=str(tmp_path),
+        extra_files=f"{tmp_path / 'random.bin'},{tmp_path / 'zeros.bin'}",
+    )  # fmt: skip
+    with zipfile.ZipFile(build_archive(spec)) as mar:
+        methods = {info.filename: info.compress_type for info in mar.infolist()}
+        assert mar.testzip() is None
+    assert methods["random.bin"] == zipfile.ZIP_STORED
+    assert methods["zeros.bin"] == zipfile.ZIP_DEFLATED
