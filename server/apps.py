@@ -1,0 +1,38 @@
+"""The three Starlette apps, built from explicit arguments."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import inference_api, management_api
+from .http import EXCEPTION_HANDLERS, json_response
+from .metrics import Metrics
+from .openapi import metrics_openapi
+from .registry import ModelRegistry
+
+
+def create_inference_app(registry: ModelRegistry) -> Starlette:
+    return Starlette(routes=inference_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+
+
+def create_management_app(registry: ModelRegistry) -> Starlette:
+    return Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+
+
+def create_metrics_app(metrics: Metrics) -> Starlette:
+    async def scrape(request: Request) -> Response:
+        names = request.query_params.getlist("name[]")
+        body, content_type = metrics.render(names)
+        return Response(body, media_type=content_type)
+
+    async def api_description(request: Request) -> Response:
+        return json_response(metrics_openapi())
+
+    routes = [
+        Route("/", api_description, methods=["OPTIONS"]),
+        Route("/metrics", scrape, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)

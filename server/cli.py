@@ -1,0 +1,218 @@
+"""``serve``: start (in the background or the foreground), stop, or show the version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import ConfigError, ServerConfig, load_config
+
+READY_FD_ENV = "MARSERVE_READY_FD"
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 60.0
+
+
+def _version() -> str:
+    try:
+        return version("marserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def pid_file() -> Path:
+    return Path(tempfile.gettempdir()) / ".marserve.pid"
+
+
+def _running_pid() -> int | None:
+    """The pid of a live server recorded in the pid file; a stale file is removed."""
+    path = pid_file()
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    if b"server" not in cmdline:
+        path.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+class _OneLineCommand(click.Command):
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"serve: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.command(cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--start", "action", flag_value="start", default=True, help="Start the server (the default).")
+@click.option("--stop", "action", flag_value="stop", help="Stop the running server.")
+@click.option("-v", "--version", "action", flag_value="version", help="Print the version and exit.")
+@click.option("--model-store", type=click.Path(path_type=Path), help="Directory of model archives.")
+@click.option("--models", multiple=True, help="Models to load at start: NAME=FILE.mar, FILE.mar or 'all'.")
+@click.option("--ts-config", type=click.Path(path_type=Path), help="config.properties to use.")
+@click.option("--foreground", is_flag=True, help="Stay attached to the terminal; logs go there.")
+@click.option("--ncs", "--no-config-snapshots", "ncs", is_flag=True, help="Do not save or restore config snapshots.")
+@click.option("--disable-token-auth", "--dt", "disable_token_auth", is_flag=True, help="Turn token authorization off.")
+@click.option("--enable-model-api", is_flag=True, help="Allow registering and unregistering models.")
+@click.argument("more_models", nargs=-1)
+def cli(action: str, **options: Any) -> int:
+    """marserve: a TorchServe-compatible model server (inference :8080, management :8081, metrics :8082)."""
+    if options["more_models"] and not options["models"]:
+        raise click.UsageError(f"unexpected argument: {options['more_models'][0]}")
+    if action == "version":
+        click.echo(f"marserve Version is {_version()}")
+        return 0
+    if action == "stop":
+        return stop()
+    config = _config(options)
+    if _running_pid() is not None:
+        raise click.ClickException("marserve is already running, please use serve --stop to stop it.")
+    if options["foreground"] or READY_FD_ENV in os.environ:
+        return run_foreground(config)
+    return start_background(config, sys.argv[1:])
+
+
+def _config(options: dict[str, Any]) -> ServerConfig:
+    env = dict(os.environ)
+    path = env.get("TS_CONFIG_FILE") or options["ts_config"]
+    if path is None and Path("config.properties").is_file():
+        path = "config.properties"
+    overrides: dict[str, Any] = {}
+    if options["model_store"] is not None:
+        overrides["model_store"] = str(options["model_store"])
+    models = [*options["models"], *options["more_models"]]
+    if models:
+        overrides["load_models"] = ",".join(models)
+    if options["enable_model_api"]:
+        overrides["enable_model_api"] = "true"
+    if options["disable_token_auth"]:
+        overrides["disable_token_authorization"] = "true"
+    if path is not None and not Path(path).is_file():
+        raise click.ClickException(f"--ts-config file not found: {path}")
+    try:
+        config = load_config(Path(path) if path else None, env=env, overrides=overrides)
+    except ConfigError as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    if config.model_store is None:
+        raise click.ClickException("Missing mandatory parameter --model-store")
+    if not Path(config.model_store).is_dir():
+        raise click.ClickException(f"--model-store directory not found: {config.model_store}")
+    return config
+
+
+def start_background(config: ServerConfig, argv: list[str]) -> int:
+    """Start a detached server and return once all its ports listen (or it failed)."""
+    log_dir = Path(config.log_location)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    env = {**os.environ, READY_FD_ENV: str(write_end)}
+    with open(log_dir / "marserve.log", "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", *argv],
+            env=env,
+            pass_fds=[write_end],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    ready = _read_ready(read_end, START_TIMEOUT)
+    os.close(read_end)
+    if ready is None:
+        if process.poll() is None:
+            process.kill()
+        raise click.ClickException(f"marserve failed to start; see {log_dir / 'marserve.log'}")
+    inference, management, metrics = (ready + ["-", "-", "-"])[:3]
+    click.echo(
+        f"marserve started (pid {process.pid}): inference {inference}, management {management}, "
+        f"metrics {metrics}; logs in {log_dir}/"
+    )
+    return 0
+
+
+def _read_ready(fd: int, timeout: float) -> list[str] | None:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None  # the server exited before it was ready
+        data += chunk
+    return data.decode().split()
+
+
+def run_foreground(config: ServerConfig) -> int:
+    from .logs import configure_logging
+    from .serve import serve
+
+    configure_logging(config, foreground=READY_FD_ENV not in os.environ)
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
+
+    def on_ready(urls: list[str]) -> None:
+        pid_file().write_text(str(os.getpid()))
+        if ready_fd is not None:
+            os.write(int(ready_fd), (" ".join(urls) + "\n").encode())
+            os.close(int(ready_fd))
+
+    try:
+        _run(serve(config, environ=dict(os.environ), on_ready=on_ready))
+    finally:
+        if _running_pid() == os.getpid():
+            pid_file().unlink(missing_ok=True)
+    return 0
+
+
+def _run(coroutine: Any) -> None:
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(coroutine)
+
+
+def stop() -> int:
+    pid = _running_pid()
+    if pid is None:
+        click.echo("marserve is not currently running.")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        logging.warning("marserve did not stop within %.0f s; killing it", STOP_TIMEOUT)
+        os.kill(pid, signal.SIGKILL)
+    pid_file().unlink(missing_ok=True)
+    click.echo("marserve has stopped.")
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main(prog_name="serve")

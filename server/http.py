@@ -1,0 +1,71 @@
+"""HTTP pieces shared by the three APIs: JSON bodies, error rendering and body limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
+
+log = logging.getLogger("marserve.http")
+
+
+def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """TorchServe's JSON: 2-space indent and a trailing newline."""
+    body = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def status_response(message: str, status_code: int = 200) -> Response:
+    return json_response({"status": message}, status_code)
+
+
+def error_response(error: ServerError) -> Response:
+    return json_response(error.to_dict(), error.status_code)
+
+
+async def render_server_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServerError)
+    return error_response(exc)
+
+
+async def render_http_exception(request: Request, exc: Exception) -> Response:
+    # Starlette's own 404 and 405 (unknown path, wrong method) in TorchServe's shape.
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed())
+    if exc.status_code == 404:
+        return error_response(NotFound())
+    return error_response(ServerError(str(exc.detail), exc.status_code))
+
+
+async def render_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(ServerError(f"{type(exc).__name__}: {exc}"))
+
+
+EXCEPTION_HANDLERS = {
+    ServerError: render_server_error,
+    HTTPException: render_http_exception,
+    Exception: render_unexpected,
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refusing (413) anything over ``limit`` bytes before buffering it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds max_request_size ({limit})")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds max_request_size ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)

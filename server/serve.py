@@ -1,0 +1,121 @@
+"""Running the server: three uvicorn listeners, the registry and an ordered, bounded shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import uvicorn
+
+from .apps import create_inference_app, create_management_app, create_metrics_app
+from .config import ServerConfig
+from .gpu import detect_gpu_count
+from .metrics import Metrics
+from .registry import ModelRegistry, RegisterRequest
+
+log = logging.getLogger("marserve")
+
+# How long in-flight requests get to finish once a stop is asked for.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+class _Listener(uvicorn.Server):
+    # Signals are handled once for all three listeners, by serve(); uvicorn must not take them.
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _listener(app: object, address: object, config: ServerConfig, access_log: bool) -> _Listener:
+    return _Listener(
+        uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            host=address.host,  # type: ignore[attr-defined]
+            port=address.port,  # type: ignore[attr-defined]
+            log_config=None,
+            access_log=access_log,
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            server_header=False,
+            ssl_certfile=str(config.certificate_file) if config.certificate_file else None,
+            ssl_keyfile=str(config.private_key_file) if config.private_key_file else None,
+        )
+    )
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    environ: Mapping[str, str],
+    on_ready: Callable[[list[str]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); then drain requests and stop the workers."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    gpus = detect_gpu_count(environ)
+    if config.number_of_gpu is not None:
+        gpus = min(gpus, config.number_of_gpu)
+    workdir = Path(tempfile.mkdtemp(prefix="marserve-"))
+    metrics = Metrics()
+    registry = ModelRegistry(config, environ=environ, gpu_count=gpus, workdir=workdir)
+    listeners = [
+        _listener(create_inference_app(registry), config.inference_address, config, True),
+        _listener(create_management_app(registry), config.management_address, config, True),
+    ]
+    if config.enable_metrics_api:
+        listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config, False))
+    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+    try:
+        while not all(listener.started for listener in listeners):
+            if any(task.done() for task in tasks):
+                # A listener that ends before starting could not bind: uvicorn logged why.
+                raise SystemExit(1)
+            await asyncio.sleep(0.01)
+        urls = [f"{a.scheme}://{a.host}:{a.port}" for a in _addresses(config)]
+        log.info("marserve listening: inference %s, management %s, metrics %s", *urls)
+        if on_ready is not None:
+            on_ready(urls)
+        await _load_startup_models(registry, config)
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+    finally:
+        for listener in listeners:
+            listener.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
+        shutil.rmtree(workdir, ignore_errors=True)
+        log.info("marserve has stopped")
+
+
+def _addresses(config: ServerConfig) -> list[object]:
+    return [config.inference_address, config.management_address, config.metrics_address]
+
+
+async def _load_startup_models(registry: ModelRegistry, config: ServerConfig) -> None:
+    """``--models`` / ``load_models``: registered like the API would; failures are logged, not fatal."""
+    entries = list(config.load_models)
+    if [e.lower() for e in entries] == ["all"]:
+        store = Path(config.model_store) if config.model_store else None
+        entries = sorted(
+            p.name
+            for p in (store.iterdir() if store else [])
+            if not p.name.startswith(".") and (p.is_dir() or p.name.endswith((".mar", ".model", ".tar.gz")))
+        )
+    for entry in entries:
+        name, _, url = entry.rpartition("=")
+        request = RegisterRequest(url=url, model_name=name or None, synchronous=False)
+        try:
+            status, message = await registry.register(request, loaded_at_startup=True)
+            log.info("startup model %s: %s", entry, message)
+        except Exception as exc:  # noqa: BLE001 - TorchServe only logs startup failures
+            log.error("startup model %s failed: %s", entry, getattr(exc, "message", exc))

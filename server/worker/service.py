@@ -1,0 +1,136 @@
+"""One batch through a handler: decode the inputs, call the entry point, encode the outputs.
+
+The input decoding and the output and error contract are TorchServe's (surface §3.1, §3.2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+from handlers.context import Context, RequestProcessor
+from handlers.errors import PredictionException
+
+from ..protocol import split
+from .loader import Entry
+
+
+class BatchError(Exception):
+    """The whole batch fails with this status and message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
+    """TorchServe's per-parameter decoding: JSON parsed, text as str, anything else a bytearray."""
+    value = bytearray(raw)
+    if not decode or not content_type:
+        return value
+    mime = content_type.split(";", 1)[0].strip().lower()
+    try:
+        if mime == "application/json":
+            return json.loads(value)
+        if mime.startswith("text"):
+            return value.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return value
+
+
+def encode_output(value: Any) -> tuple[bytes | bytearray | memoryview, str | None]:
+    """An output's bytes, plus the content type implied by how they were made (None: raw)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value, None
+    if isinstance(value, str):
+        return value.encode("utf-8"), None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue(), None
+    try:
+        return json.dumps(value, indent=2).encode(), "application/json"
+    except (TypeError, ValueError):
+        raise BatchError(503, "Unsupported model output data type.") from None
+
+
+class Service:
+    """A loaded handler and the context it keeps between batches."""
+
+    def __init__(self, entry: Entry, context: Context, decode_input_request: bool) -> None:
+        self.entry = entry
+        self.context = context
+        self.decode = decode_input_request
+
+    def predict(self, meta: dict[str, Any], blob: memoryview) -> tuple[dict[str, Any], list[Any]]:
+        requests = meta["requests"]
+        sizes = [param[2] for request in requests for param in request["params"]]
+        values = iter(split(blob, sizes))
+        data: list[dict[str, Any]] = []
+        processors: list[RequestProcessor] = []
+        for request in requests:
+            headers: dict[str, Any] = dict(request["headers"])
+            row = {}
+            for name, content_type, _ in request["params"]:
+                row[name] = decode_value(next(values), content_type, self.decode)
+                # TorchServe also exposes each parameter's content type as a "header".
+                headers[name] = {"content-type": content_type}
+            data.append(row)
+            processors.append(RequestProcessor(headers))
+        context = self.context
+        context.request_ids = {i: request["id"] for i, request in enumerate(requests)}
+        context.request_processor = processors
+        started = time.perf_counter()
+        try:
+            outputs = self._call(data)
+            parts, responses = self._encode(outputs, len(requests))
+        except BatchError as exc:
+            return {"code": exc.code, "message": exc.message}, []
+        handler_ms = (time.perf_counter() - started) * 1000
+        return {"code": 200, "message": "", "responses": responses, "handler_ms": handler_ms}, parts
+
+    def _call(self, data: list[dict[str, Any]]) -> Any:
+        try:
+            return self.entry(data, self.context)
+        except PredictionException as exc:
+            raise BatchError(exc.error_code, exc.message) from None
+        except MemoryError:
+            raise BatchError(507, "Out of resources") from None
+        except Exception as exc:
+            traceback.print_exc()
+            if "CUDA" in str(exc):
+                raise BatchError(507, "Out of resources") from None
+            raise BatchError(503, "Prediction failed") from None
+
+    def _encode(self, outputs: Any, expected: int) -> tuple[list[Any], list[dict[str, Any]]]:
+        if not isinstance(outputs, list):
+            print(f"handler returned {type(outputs).__name__}, expected a list", file=sys.stderr)
+            raise BatchError(503, "Invalid model predict output")
+        if len(outputs) != expected:
+            print(f"handler returned {len(outputs)} outputs for {expected} requests", file=sys.stderr)
+            raise BatchError(503, "number of batch response mismatched")
+        parts = []
+        responses = []
+        for idx, output in enumerate(outputs):
+            body, implied_type = encode_output(output)
+            processor = self.context.request_processor[idx]
+            headers = dict(processor.get_response_headers())
+            content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or implied_type
+            parts.append(body)
+            responses.append(
+                {
+                    "status": processor.get_response_status_code(),
+                    "phrase": processor.get_response_status_phrase() or "",
+                    "content_type": content_type,
+                    "headers": list(headers.items()),
+                    "size": len(body),
+                }
+            )
+        return parts, responses

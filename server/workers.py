@@ -1,0 +1,175 @@
+"""One worker OS process, seen from the frontend: spawn, load, predict, stop.
+
+The frontend talks to each worker over a private socket pair with plain request/reply
+frames (``protocol``), read with asyncio streams: there is no thread per call and no
+correlation map, because a worker has at most one batch in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol
+from .batching import Job, Reply
+
+log = logging.getLogger("marserve.worker")
+
+
+class WorkerDied(Exception):
+    """The worker process went away (crash, kill, broken socket)."""
+
+
+class WorkerLoadError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class LoadSpec:
+    """Everything a worker needs to load its model; sent as the LOAD frame."""
+
+    model_name: str
+    model_dir: str
+    handler: str
+    batch_size: int
+    gpu_id: int | None
+    manifest: dict[str, Any]
+    model_yaml_config: dict[str, Any] = field(default_factory=dict)
+    limit_max_image_pixels: bool = True
+    decode_input_request: bool = True
+    threads: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class WorkerProcess:
+    """A worker process and its socket. Not restartable: supervision creates a new one."""
+
+    def __init__(self, worker_id: str, spec: LoadSpec) -> None:
+        self.worker_id = worker_id
+        self.spec = spec
+        self.process: asyncio.subprocess.Process | None = None
+        self.started_at = time.time()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._log_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the process and load the model; raises WorkerLoadError on any failure."""
+        ours, theirs = socket.socketpair()
+        env = dict(self.spec.env)
+        # Set before torch is imported, so N workers share the cores instead of each taking all.
+        threads = str(self.spec.threads)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.worker", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+                pass_fds=[theirs.fileno()],
+                cwd=self.spec.model_dir,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self._log_task = asyncio.create_task(self._forward_output())
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        load = {k: v for k, v in vars(self.spec).items() if k not in ("env", "threads")}
+        try:
+            self._writer.writelines(protocol.encode(protocol.LOAD, load))
+            kind, meta, _ = await asyncio.wait_for(protocol.read_frame(self._reader), timeout)
+        except asyncio.TimeoutError:
+            self.kill()
+            raise WorkerLoadError(500, f"model load timed out after {timeout:g} s") from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.kill()
+            raise WorkerLoadError(500, "worker exited while loading the model") from None
+        if kind != protocol.LOADED or meta.get("code") != 200:
+            self.kill()
+            raise WorkerLoadError(meta.get("code", 500), meta.get("message", "load failed"))
+
+    async def predict(self, batch: list[Job]) -> list[Reply]:
+        """Run one batch; raises WorkerDied if the process goes away, BatchFailed on a handler error."""
+        assert self._reader is not None and self._writer is not None
+        requests = []
+        blobs: list[bytes] = []
+        for job in batch:
+            requests.append(
+                {"id": job.request_id, "headers": job.headers, "params": [[n, t, len(v)] for n, t, v in job.params]}
+            )
+            blobs.extend(value for _, _, value in job.params)
+        try:
+            self._writer.writelines(protocol.encode(protocol.PREDICT, {"requests": requests}, blobs))
+            kind, meta, blob = await protocol.read_frame(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise WorkerDied(str(exc)) from None
+        if kind != protocol.RESULT:
+            raise WorkerDied(f"unexpected frame {kind!r}")
+        if meta["code"] != 200:
+            raise BatchFailed(meta["code"], meta["message"])
+        responses = meta["responses"]
+        bodies = protocol.split(blob, [r["size"] for r in responses])
+        return [
+            Reply(r["status"], r["phrase"], r["content_type"], [tuple(h) for h in r["headers"]], bytes(body))
+            for r, body in zip(responses, bodies)
+        ]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._writer is not None:
+            self._writer.close()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the socket (the worker exits on EOF), then kill it if it lingers."""
+        if self._writer is not None:
+            self._writer.close()
+        if self.process is None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.kill()
+            await self.process.wait()
+        if self._log_task is not None:
+            await asyncio.gather(self._log_task, return_exceptions=True)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        code = await self.process.wait()
+        if self._log_task is not None:
+            await asyncio.gather(self._log_task, return_exceptions=True)
+        return code
+
+    async def _forward_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        model_log = logging.getLogger(f"marserve.model.{self.spec.model_name}")
+        while line := await self.process.stdout.readline():
+            model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
+
+
+class BatchFailed(Exception):
+    """The handler failed the whole batch with this status and message (TorchServe §3.2)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
