@@ -44,7 +44,8 @@ def _running_pid() -> int | None:
     except (OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
-    if b"server" not in cmdline:
+    # Another program may have been given the pid of a server that died without cleaning up.
+    if b"serve" not in cmdline:
         path.unlink(missing_ok=True)
         return None
     return pid
@@ -203,14 +204,23 @@ def stop() -> int:
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
         logging.warning("marserve did not stop within %.0f s; killing it", STOP_TIMEOUT)
         os.kill(pid, signal.SIGKILL)
     pid_file().unlink(missing_ok=True)
     click.echo("marserve has stopped.")
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie has exited; only its parent's wait() is missing.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def main() -> None:

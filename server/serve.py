@@ -32,14 +32,15 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def _listener(app: object, address: object, config: ServerConfig, access_log: bool) -> _Listener:
+def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
     return _Listener(
         uvicorn.Config(
             app,  # type: ignore[arg-type]
             host=address.host,  # type: ignore[attr-defined]
             port=address.port,  # type: ignore[attr-defined]
             log_config=None,
-            access_log=access_log,
+            # uvicorn's access logger is shared by all listeners; marserve writes its own.
+            access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             server_header=False,
@@ -69,11 +70,11 @@ async def serve(
     metrics = Metrics()
     registry = ModelRegistry(config, environ=environ, gpu_count=gpus, workdir=workdir)
     listeners = [
-        _listener(create_inference_app(registry), config.inference_address, config, True),
-        _listener(create_management_app(registry), config.management_address, config, True),
+        _listener(create_inference_app(registry), config.inference_address, config),
+        _listener(create_management_app(registry), config.management_address, config),
     ]
     if config.enable_metrics_api:
-        listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config, False))
+        listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config))
     tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
     try:
         while not all(listener.started for listener in listeners):

@@ -1,0 +1,139 @@
+"""The serve command: start in the background or foreground, stop, version, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import BIN, Server, make_mar
+
+
+def run(server: Server, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        server.command(*args), env=server.env, cwd=server.root, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_version() -> None:
+    result = subprocess.run([str(BIN / "serve"), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("marserve Version is ")
+
+
+def test_background_start_second_start_and_stop(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    make_mar(server.store, "echo", "echo_handler.py")
+    started = run(server, "--start", "--models", "echo=echo.mar")
+    try:
+        assert started.returncode == 0, started.stderr
+        # It returns only once every port listens, and says where.
+        for url in (server.inference, server.management, server.metrics):
+            assert url in started.stdout
+        assert httpx.get(f"{server.inference}/ping").json() == {"status": "Healthy"}
+        assert httpx.get(f"{server.metrics}/metrics").status_code == 200
+        again = run(server, "--start")
+        assert again.returncode == 1
+        assert again.stderr.strip() == "serve: error: marserve is already running, please use serve --stop to stop it."
+        # --models loads in the background: wait for the worker, then predict.
+        deadline = time.monotonic() + 60
+        while server.predict("echo", b"hi").status_code != 200:
+            assert time.monotonic() < deadline, (server.root / "logs" / "marserve.log").read_text()
+            time.sleep(0.1)
+        pid = int((server.tmp / ".marserve.pid").read_text())
+        workers = [p for p in _children(pid) if b"server.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert workers
+    finally:
+        stopped = run(server, "--stop")
+    assert stopped.returncode == 0
+    assert stopped.stdout.strip() == "marserve has stopped."
+    assert wait_gone([pid, *workers], 10)
+    assert not (server.tmp / ".marserve.pid").exists()
+    assert run(server, "--stop").stdout.strip() == "marserve is not currently running."
+
+
+def test_stop_lets_in_flight_requests_finish(server: Server) -> None:
+    make_mar(server.store, "slow", "cli_slow_handler.py")
+    assert server.register("slow.mar").status_code == 200
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(server.predict("slow"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # let the requests reach the server before the stop
+    workers = server.worker_pids()
+    assert run(server, "--stop").returncode == 0
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert all(r.content == b"done" for r in results)
+    assert server.process is not None and server.process.wait(timeout=10) == 0
+    assert wait_gone(workers, 10)
+
+
+def test_workers_exit_when_the_frontend_is_killed(server: Server) -> None:
+    make_mar(server.store, "echo", "echo_handler.py")
+    assert server.register("echo.mar", initial_workers=2).status_code == 200
+    workers = server.worker_pids()
+    assert len(workers) == 2
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    assert wait_gone(workers, 5), "worker processes outlived a SIGKILLed frontend"
+
+
+def test_missing_and_bad_model_store(tmp_path: Path) -> None:
+    no_store = subprocess.run([str(BIN / "serve"), "--start"], cwd=tmp_path, capture_output=True, text=True)
+    assert no_store.returncode == 1
+    assert no_store.stderr.strip() == "serve: error: Missing mandatory parameter --model-store"
+    missing = subprocess.run(
+        [str(BIN / "serve"), "--start", "--model-store", "nope"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "serve: error: --model-store directory not found: nope"
+
+
+def test_bad_config_value_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    server = Server(tmp_path, config="job_queue_size=lots\n")
+    result = run(server, "--start", "--foreground", timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "job_queue_size" in result.stderr
+
+
+def test_port_in_use_fails_the_start(tmp_path: Path) -> None:
+    import socket
+
+    server = Server(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", server.ports[1]))
+        busy.listen()
+        result = run(server, "--start", timeout=60)
+    assert result.returncode == 1
+    assert "failed to start" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, ValueError):
+                pass
+    return children
