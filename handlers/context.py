@@ -2,17 +2,81 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+
+class RequestHeaders(dict):  # type: ignore[type-arg]
+    """A request's headers, looked up without regard to case.
+
+    ASGI servers lowercase header names, while TorchServe handlers look them up as clients
+    spell them (``"Content-Type"``). Keys keep the case they were stored with.
+    """
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        super().__init__()
+        self._keys: dict[str, str] = {}
+        self.update(items)
+
+    def _key(self, key: Any) -> Any:
+        return self._keys.get(key.lower(), key) if isinstance(key, str) else key
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, str):
+            stored = self._keys.get(key.lower())
+            if stored is not None and stored != key:
+                super().__delitem__(stored)
+            self._keys[key.lower()] = key
+        super().__setitem__(key, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def __delitem__(self, key: Any) -> None:
+        key = self._key(key)
+        super().__delitem__(key)
+        if isinstance(key, str):
+            del self._keys[key.lower()]
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for items in (*args, kwargs):
+            for key, value in items.items() if isinstance(items, Mapping) else items:
+                self[key] = value
+
+    def copy(self) -> RequestHeaders:  # type: ignore[override]
+        return RequestHeaders(self)
 
 
 class RequestProcessor:
     """One request's headers in, and its status and headers out."""
 
-    def __init__(self, request_header: dict[str, Any]) -> None:
+    def __init__(self, request_header: Mapping[str, Any]) -> None:
         self._status_code = 200
         self._reason_phrase: str | None = None
         self._response_header: dict[str, str] = {}
-        self._request_header = request_header
+        self._request_header = (
+            request_header if isinstance(request_header, RequestHeaders) else RequestHeaders(request_header)
+        )
 
     def get_request_property(self, key: str) -> Any:
         return self._request_header.get(key)

@@ -57,7 +57,10 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         if len(self._jobs) >= self.capacity:
-            raise QueueFull
+            # Jobs whose client has gone still hold places until taken; free those first.
+            self._jobs = deque(queued for queued in self._jobs if not queued.future.done())
+            if len(self._jobs) >= self.capacity:
+                raise QueueFull
         self._jobs.append(job)
         self._wake()
 
@@ -66,13 +69,18 @@ class JobQueue:
         self._wake()
 
     def get_nowait(self) -> Job | None:
-        return self._jobs.popleft() if self._jobs else None
+        """The next job still wanted (its client has not gone away), or None."""
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                return job
+        return None
 
     async def get(self, timeout: float | None = None) -> Job | None:
         """The next job; None if ``timeout`` seconds pass first."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while not self._jobs:
+        while (job := self.get_nowait()) is None:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             timer = None
@@ -94,7 +102,10 @@ class JobQueue:
                     timer.cancel()
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-        return self._jobs.popleft()
+        if self._jobs:
+            # One wake-up per put: after put_back of several jobs, the next waiter must not sleep on.
+            self._wake()
+        return job
 
     def drain(self) -> list[Job]:
         jobs = list(self._jobs)

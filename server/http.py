@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -15,10 +16,19 @@ from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
 log = logging.getLogger("marserve.http")
 
 
+# TorchServe sends these on every response; clients and proxies must not cache predictions.
+NO_CACHE = {
+    "Cache-Control": "no-cache; no-store, must-revalidate, private",
+    "Pragma": "no-cache",
+    "Expires": "Thu, 01 Jan 1970 00:00:00 UTC",
+}
+
+
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """TorchServe's JSON: 2-space indent and a trailing newline."""
+    """TorchServe's JSON: 2-space indent and a trailing newline, with a request id."""
     body = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
-    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+    all_headers = {**NO_CACHE, "x-request-id": str(uuid.uuid4()), **(headers or {})}
+    return Response(body, status_code=status_code, media_type="application/json", headers=all_headers)
 
 
 def status_response(message: str, status_code: int = 200) -> Response:

@@ -32,7 +32,8 @@ async def _params(request: Request) -> dict[str, str]:
                 raise BadRequest(f"Invalid JSON body: {exc}") from None
             if not isinstance(data, dict):
                 raise BadRequest("The JSON body must be an object")
-            params.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
+            # JSON null means "not given", like a parameter left out of the query string.
+            params.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items() if v is not None})
     return params
 
 
@@ -164,6 +165,9 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
     async def model(request: Request) -> Response:
         name = request.path_params["model_name"]
         version = request.path_params.get("version")
+        if request.method == "OPTIONS":
+            registry.get(name, version)
+            return json_response(model_openapi(name))
         if request.method == "GET":
             if version == "all":
                 return json_response([describe(m) for m in registry.versions(name)])
@@ -194,10 +198,21 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/api-description", api_description, methods=["GET", "OPTIONS"]),
         Route("/models", models, methods=["GET", "POST", "PUT", "DELETE"]),
-        Route("/models/{model_name}", model, methods=["GET", "PUT", "DELETE", "POST"]),
-        Route("/models/{model_name}/{version}", model, methods=["GET", "PUT", "DELETE", "POST"]),
+        Route("/models/{model_name}", model, methods=["GET", "PUT", "DELETE", "POST", "OPTIONS"]),
+        Route("/models/{model_name}/{version}", model, methods=["GET", "PUT", "DELETE", "POST", "OPTIONS"]),
         Route("/models/{model_name}/{version}/set-default", set_default, methods=["PUT"]),
     ]
+
+
+def model_openapi(name: str) -> dict[str, Any]:
+    """``OPTIONS /models/{m}[/{v}]``: the management API's per-model routes, for this model (as TorchServe)."""
+    description = management_openapi()
+    description["paths"] = {
+        path.replace("{model_name}", name): operations
+        for path, operations in description["paths"].items()
+        if path.startswith("/models/{model_name}")
+    }
+    return description
 
 
 def _int_or_zero(value: str | None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -162,6 +163,10 @@ class ModelVersion:
                 break
             log.warning("worker %s of %s:%s died; restarting", slot.id, self.name, self.version)
             slot.status = "RESTARTING"
+            # The serve loop can end on a broken socket while the process lives on; no orphan
+            # may outlast its slot.
+            process.kill()
+            await process.wait_exit(10)
             failures += 1
             await asyncio.sleep(_backoff(failures))
         slot.status = "STOPPED"
@@ -191,14 +196,32 @@ class ModelVersion:
             dispatched = time.perf_counter()
             for job in batch:
                 job.dispatched = dispatched
-            timer = loop.call_later(settings.response_timeout, process.kill)
+            timed_out = False
+
+            def on_timeout() -> None:
+                nonlocal timed_out
+                timed_out = True
+                log.error(
+                    "worker %s of %s:%s gave no response in %d s; killing it",
+                    slot.id, self.name, self.version, settings.response_timeout,
+                )  # fmt: skip
+                process.kill()
+
+            timer = loop.call_later(settings.response_timeout, on_timeout)
             try:
                 replies = await process.predict(batch)
             except BatchFailed as exc:
                 _fail_all(batch, InternalServerError(exc.message, exc.code))
-            except (WorkerDied, asyncio.CancelledError):
-                _fail_all(batch, worker_died())
+            except WorkerDied:
+                if not timed_out:
+                    # The exit status tells an OOM kill from a crash; it follows the EOF closely.
+                    await process.wait_exit(0.5)
+                _fail_all(batch, _death_error(process, timed_out))
                 return
+            except asyncio.CancelledError:
+                # Cancelled mid-batch: the process has exited (see _run_until_exit).
+                _fail_all(batch, _death_error(process, timed_out))
+                raise
             else:
                 for job, reply in zip(batch, replies):
                     if not job.future.done():
@@ -214,6 +237,14 @@ def _backoff(failures: int) -> float:
     for _ in range(failures):
         a, b = b, a + b
     return min(a, _MAX_BACKOFF)
+
+
+def _death_error(process: WorkerProcess, timed_out: bool) -> ServerError:
+    # TorchServe answers 507 when the worker exited with 137, i.e. was SIGKILLed from outside:
+    # usually the kernel's OOM killer. Our own kill on a response timeout stays a 500.
+    if not timed_out and process.returncode in (-signal.SIGKILL, 137):
+        return InternalServerError("Worker died.", 507)
+    return worker_died()
 
 
 def _fail(job: Job, error: ServerError) -> None:

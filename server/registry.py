@@ -27,7 +27,7 @@ from .errors import (
     RequestTimeout,
 )
 from .model import ModelSettings, ModelVersion, Observer, WorkerSlot
-from .workers import LoadSpec
+from .workers import LoadSpec, WorkerLoadError
 
 log = logging.getLogger("marserve.registry")
 
@@ -48,6 +48,16 @@ class RegisterRequest:
     synchronous: bool = True
     response_timeout: int | None = None
     startup_timeout: int | None = None
+
+
+class ArchiveNotFound(NotFound):
+    """A register URL that names no usable archive; TorchServe reports these as ModelNotFoundException."""
+
+    type_name = "ModelNotFoundException"
+
+
+class DownloadFailed(BadRequest):
+    type_name = "DownloadArchiveException"
 
 
 class ModelRegistry:
@@ -71,6 +81,8 @@ class ModelRegistry:
         self._gpu_counter = itertools.count()
         self._device_counters: dict[str, itertools.count[int]] = {}
         self._lock = asyncio.Lock()
+        # The event loop keeps only weak references to tasks: an unreferenced one can vanish mid-run.
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -105,24 +117,29 @@ class ModelRegistry:
         if url is None:
             raise BadRequest("Parameter url is required.")
         if url == "":
-            raise NotFound("empty url")
+            raise ArchiveNotFound("empty url")
         if ".." in url:
-            raise NotFound(f"Relative path is not allowed in url: {url}")
+            raise ArchiveNotFound(f"Relative path is not allowed in url: {url}")
+        if "\0" in url:
+            raise ArchiveNotFound(f"Model not found at: {url}")
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
             if not self.config.url_allowed(url):
-                raise NotFound(f"Given URL {url} does not match any allowed URL(s)")
+                raise ArchiveNotFound(f"Given URL {url} does not match any allowed URL(s)")
             if url.lower().startswith("file://"):
                 path = Path(url[len("file://") :])
                 if not path.exists():
-                    raise NotFound(f"Model not found at: {url}")
+                    raise ArchiveNotFound(f"Model not found at: {url}")
                 return path
-            raise BadRequest(f"Failed to download archive from: {url}")
+            raise DownloadFailed(f"Failed to download archive from: {url}")
         store = self.config.model_store
-        if store is None or "/" in url or "\\" in url:
-            raise NotFound(f"Model not found at: {url}")
+        if store is None:
+            raise ArchiveNotFound("Model store has not been configured.")
+        # One entry of the store, never the store itself ("."), a sub-directory path or an absolute path.
+        if url == "." or "/" in url or "\\" in url:
+            raise ArchiveNotFound(f"Model not found at: {url}")
         path = Path(store) / url
         if not path.exists():
-            raise NotFound(f"Model not found at: {url}")
+            raise ArchiveNotFound(f"Model not found at: {url}")
         return path
 
     async def register(self, request: RegisterRequest, loaded_at_startup: bool = False) -> tuple[int, str]:
@@ -223,19 +240,18 @@ class ModelRegistry:
             return default
 
         config = self.config
+        # TorchServe reads a YAML minWorkers below 1 as 1, and uses the YAML bounds only when they
+        # are consistent; otherwise both fall back, so min never exceeds max.
+        yaml_min = None if yaml.minWorkers is None else max(1, yaml.minWorkers)
         if request.initial_workers is not None:
             min_workers = max_workers = max(0, request.initial_workers)
-        elif yaml.minWorkers is not None and (yaml.maxWorkers or 0) >= yaml.minWorkers:
-            min_workers, max_workers = max(1, yaml.minWorkers), yaml.maxWorkers
+        elif yaml_min is not None and yaml.maxWorkers is not None and yaml.maxWorkers >= yaml_min:
+            min_workers, max_workers = yaml_min, yaml.maxWorkers
         else:
             min_workers = max_workers = config.default_workers_per_model or 1
         return ModelSettings(
             batch_size=pick(request.batch_size, yaml.batchSize, "batchSize", 1),
-            # 0 is a real choice for the delay ("do not wait"), so only None falls through.
-            max_batch_delay=next(
-                v for v in (request.max_batch_delay, yaml.maxBatchDelay, models_json.get("maxBatchDelay"), 100)
-                if v is not None and v >= 0
-            ),  # fmt: skip
+            max_batch_delay=_batch_delay(request.max_batch_delay, yaml.maxBatchDelay, models_json.get("maxBatchDelay")),
             response_timeout=pick(request.response_timeout, yaml.responseTimeout, "responseTimeout", config.default_response_timeout),
             startup_timeout=pick(request.startup_timeout, yaml.startupTimeout, "startupTimeout", config.default_startup_timeout),
             min_workers=min_workers,
@@ -285,12 +301,16 @@ class ModelRegistry:
             if synchronous:
                 await removal
             else:
-                asyncio.create_task(removal)
+                task = asyncio.create_task(removal)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         if not synchronous:
             return 202, "Processing worker updates..."
         failure = await _first_failure(added)
         if failure is not None:
-            raise InternalServerError(f"Failed to start workers for model {name} version: {version}", failure.code)
+            raise InternalServerError(
+                f"Failed to start workers for model {name} version: {model.version}: {failure.message}", failure.code
+            )
         suffix = f", version: {version}" if version else ""
         return 200, f"Workers scaled to {min_worker} for model: {name}{suffix}"
 
@@ -341,6 +361,17 @@ class ModelRegistry:
         self._defaults.clear()
 
 
+def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> int:
+    # An API delay of 0 is a real choice ("do not wait"); in the YAML and the models JSON, 0 means
+    # "not set", as in TorchServe.
+    if api is not None and api >= 0:
+        return api
+    for value in (yaml_value, json_value):
+        if isinstance(value, int) and value > 0:
+            return value
+    return 100
+
+
 def check_name(name: str) -> str:
     try:
         return check_model_name(name)
@@ -348,6 +379,19 @@ def check_name(name: str) -> str:
         raise BadRequest(str(exc)) from None
 
 
-async def _first_failure(slots: list[WorkerSlot]) -> Any:
-    outcomes = await asyncio.gather(*(slot.first_load for slot in slots))
+async def _first_failure(slots: list[WorkerSlot]) -> WorkerLoadError | None:
+    """The first failed first load among ``slots``, or None once they all loaded.
+
+    A slot stopped before its first load (scaled down, or its model unregistered meanwhile)
+    never resolves ``first_load``, so its supervising task ending counts as a failure.
+    """
+    outcomes = await asyncio.gather(*(_first_load(slot) for slot in slots))
     return next((outcome for outcome in outcomes if outcome is not None), None)
+
+
+async def _first_load(slot: WorkerSlot) -> WorkerLoadError | None:
+    if slot.task is not None and not slot.first_load.done():
+        await asyncio.wait({slot.first_load, slot.task}, return_when=asyncio.FIRST_COMPLETED)
+    if slot.first_load.done():
+        return slot.first_load.result()
+    return WorkerLoadError(500, "the worker was stopped before it loaded the model")

@@ -152,6 +152,19 @@ class WorkerProcess:
         if self._log_task is not None:
             await asyncio.gather(self._log_task, return_exceptions=True)
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The exit status once the process has ended, or None if it still runs after ``timeout`` s."""
+        if self.process is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+        except asyncio.TimeoutError:
+            return None
+
     async def wait(self) -> int:
         assert self.process is not None
         code = await self.process.wait()

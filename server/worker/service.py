@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import Any
 
-from handlers.context import Context, RequestProcessor
+from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
 from ..protocol import split
@@ -57,7 +57,8 @@ def encode_output(value: Any) -> tuple[bytes | bytearray | memoryview, str | Non
         return buffer.getvalue(), None
     try:
         return json.dumps(value, indent=2).encode(), "application/json"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as exc:
+        print(f"handler output is not serializable: {exc}", file=sys.stderr)
         raise BatchError(503, "Unsupported model output data type.") from None
 
 
@@ -76,7 +77,7 @@ class Service:
         data: list[dict[str, Any]] = []
         processors: list[RequestProcessor] = []
         for request in requests:
-            headers: dict[str, Any] = dict(request["headers"])
+            headers = RequestHeaders(request["headers"])
             row = {}
             for name, content_type, _ in request["params"]:
                 row[name] = decode_value(next(values), content_type, self.decode)
@@ -121,15 +122,20 @@ class Service:
         for idx, output in enumerate(outputs):
             body, implied_type = encode_output(output)
             processor = self.context.request_processor[idx]
-            headers = dict(processor.get_response_headers())
-            content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None) or implied_type
+            content_type = implied_type
+            headers = []
+            for key, value in processor.get_response_headers().items():
+                if str(key).lower() == "content-type":
+                    content_type = str(value)
+                else:
+                    headers.append((str(key), str(value)))
             parts.append(body)
             responses.append(
                 {
                     "status": processor.get_response_status_code(),
                     "phrase": processor.get_response_status_phrase() or "",
                     "content_type": content_type,
-                    "headers": list(headers.items()),
+                    "headers": headers,
                     "size": len(body),
                 }
             )

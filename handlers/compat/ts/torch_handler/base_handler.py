@@ -1,0 +1,10 @@
+"""``ts.torch_handler.base_handler``: marserve's handlers.base_handler (see the package docstring for the alias)."""
+
+import sys
+
+from handlers import base_handler as _marserve_module
+from handlers.base_handler import BaseHandler
+
+sys.modules[__name__] = _marserve_module
+
+__all__ = ["BaseHandler"]

@@ -1,0 +1,10 @@
+"""``ts.torch_handler.image_classifier``: marserve's handlers.image_classifier (see the package docstring for the alias)."""
+
+import sys
+
+from handlers import image_classifier as _marserve_module
+from handlers.image_classifier import ImageClassifier
+
+sys.modules[__name__] = _marserve_module
+
+__all__ = ["ImageClassifier"]
