@@ -110,13 +110,11 @@ def load_state_dict(pt_path: str, device: torch.device) -> Mapping[str, Any]:
     name = os.path.basename(pt_path)
     if not os.path.isfile(pt_path):
         raise ModelLoadError(f"serialized file {name!r} named in the manifest is missing from the archive")
+    if serialized_kind(pt_path) == "torchscript":
+        raise ModelLoadError(f"{name} is a TorchScript file, not a state_dict: archive it without --model-file")
     try:
         state = torch.load(pt_path, map_location=device, weights_only=True)
     except Exception as exc:
-        if serialized_kind(pt_path) == "torchscript":
-            raise ModelLoadError(
-                f"{name} is a TorchScript file, not a state_dict: archive it without --model-file"
-            ) from None
         if isinstance(exc, pickle.UnpicklingError):
             raise ModelLoadError(
                 f"{name} is not a plain state_dict, so it cannot be loaded with weights_only=True "

@@ -19,7 +19,10 @@ def create_inference_app(registry: ModelRegistry) -> Starlette:
 
 
 def create_management_app(registry: ModelRegistry) -> Starlette:
-    return Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+    app = Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+    # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
+    app.router.redirect_slashes = False
+    return app
 
 
 def create_metrics_app(metrics: Metrics) -> Starlette:

@@ -120,7 +120,8 @@ class ModelVersion:
         """Wait until the queue is empty and no batch is in flight; False on timeout."""
         deadline = time.monotonic() + timeout
         while len(self.queue) or any(slot.busy for slot in self.slots):
-            if time.monotonic() > deadline or not any(s.status == "READY" for s in self.slots):
+            # A worker that is restarting will still serve the queue; only no worker at all can't.
+            if time.monotonic() > deadline or all(s.stopping for s in self.slots):
                 return False
             await asyncio.sleep(0.02)
         return True
@@ -132,6 +133,15 @@ class ModelVersion:
         self.archive.cleanup()
 
     async def _supervise(self, slot: WorkerSlot) -> None:
+        try:
+            await self._keep_alive(slot)
+        finally:
+            # Whoever waits for the first load must not wait forever on a slot stopped before it.
+            if not slot.first_load.done():
+                slot.first_load.set_result(WorkerLoadError(500, "the worker was stopped before it loaded the model"))
+            slot.status = "STOPPED"
+
+    async def _keep_alive(self, slot: WorkerSlot) -> None:
         failures = 0
         while not slot.stopping:
             process = WorkerProcess(slot.id, self._load_spec(slot))
@@ -150,6 +160,7 @@ class ModelVersion:
                 continue
             except asyncio.CancelledError:
                 process.kill()
+                await asyncio.shield(process.wait_exit(5))
                 raise
             slot.load_time_ms = (time.perf_counter() - started) * 1000
             slot.status = "READY"
@@ -169,7 +180,6 @@ class ModelVersion:
             await process.wait_exit(10)
             failures += 1
             await asyncio.sleep(_backoff(failures))
-        slot.status = "STOPPED"
 
     async def _run_until_exit(self, slot: WorkerSlot, process: WorkerProcess) -> None:
         slot.serve_task = asyncio.create_task(self._serve(slot, process))

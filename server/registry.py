@@ -380,18 +380,6 @@ def check_name(name: str) -> str:
 
 
 async def _first_failure(slots: list[WorkerSlot]) -> WorkerLoadError | None:
-    """The first failed first load among ``slots``, or None once they all loaded.
-
-    A slot stopped before its first load (scaled down, or its model unregistered meanwhile)
-    never resolves ``first_load``, so its supervising task ending counts as a failure.
-    """
-    outcomes = await asyncio.gather(*(_first_load(slot) for slot in slots))
+    """The first failed first load among ``slots``, or None once they all loaded."""
+    outcomes = await asyncio.gather(*(slot.first_load for slot in slots))
     return next((outcome for outcome in outcomes if outcome is not None), None)
-
-
-async def _first_load(slot: WorkerSlot) -> WorkerLoadError | None:
-    if slot.task is not None and not slot.first_load.done():
-        await asyncio.wait({slot.first_load, slot.task}, return_when=asyncio.FIRST_COMPLETED)
-    if slot.first_load.done():
-        return slot.first_load.result()
-    return WorkerLoadError(500, "the worker was stopped before it loaded the model")

@@ -63,6 +63,8 @@ class Server:
         self.env = {**os.environ, "TMPDIR": str(self.tmp)}
         self.log = root / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # One client for the test's calls: a new one per call costs more than the server's work.
+        self.http = httpx.Client(timeout=120)
 
     def command(self, *args: str) -> list[str]:
         return [str(BIN / "serve"), *args, "--model-store", str(self.store), "--ts-config", str(self.config)]
@@ -86,6 +88,7 @@ class Server:
         raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
+        self.http.close()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -96,10 +99,10 @@ class Server:
 
     def register(self, url: str, **params: object) -> httpx.Response:
         query = {"url": url, **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items()}}
-        return httpx.post(f"{self.management}/models", params=query, timeout=120)
+        return self.http.post(f"{self.management}/models", params=query)
 
     def predict(self, model: str, body: bytes = b"x", **kwargs: object) -> httpx.Response:
-        return httpx.post(f"{self.inference}/predictions/{model}", content=body, timeout=60, **kwargs)  # type: ignore[arg-type]
+        return self.http.post(f"{self.inference}/predictions/{model}", content=body, **kwargs)  # type: ignore[arg-type]
 
     def worker_pids(self) -> list[int]:
         """Live worker processes of this server (its children running server.worker)."""
