@@ -75,7 +75,9 @@ class BaseHandler:
             )
         name = os.path.basename(path)
         if not os.path.isfile(path):
-            raise ModelLoadError(f"No model weights could be loaded: serialized file {name!r} is missing from the archive")
+            raise ModelLoadError(
+                f"No model weights could be loaded: serialized file {name!r} is missing from the archive"
+            )
         kind = loading.serialized_kind(path)
         assert self.device is not None and self.map_location is not None
         if kind == "torchscript":

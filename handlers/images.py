@@ -107,12 +107,15 @@ def open_image(raw: bytes | bytearray | memoryview, formats: Sequence[str] | Non
     try:
         image = Image.open(io.BytesIO(raw), formats=formats)
     except Image.DecompressionBombError as exc:
-        raise RequestError(f"image refused as a possible decompression bomb: {exc} (limit_max_image_pixels)", 413) from None
+        message = f"image refused as a possible decompression bomb: {exc} (limit_max_image_pixels)"
+        raise RequestError(message, 413) from None
     except UnidentifiedImageError:
         kinds = ", ".join(formats) if formats else "any format Pillow reads"
         raise RequestError(f"the input is not a decodable image (accepted: {kinds}; or base64 of one)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RequestError(f"the image header is corrupt: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's plugins raise all sorts (struct.error, IndexError...) on bad data
+        raise RequestError(f"the image header is corrupt: {type(exc).__name__}: {exc}") from None
     # Pillow only warns between 1x and 2x its limit; a server should refuse there too.
     limit = Image.MAX_IMAGE_PIXELS
     width, height = image.size
@@ -124,16 +127,28 @@ def open_image(raw: bytes | bytearray | memoryview, formats: Sequence[str] | Non
         )
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
         raise RequestError(f"the {image.format or 'image'} data is corrupt or truncated: {exc}") from None
     return image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB (grayscale, palette, alpha and CMYK images are converted; alpha is dropped)."""
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"a {image.mode} image cannot be converted to RGB: {exc}") from None
+
+
 def to_tensor_uint8(image: Image.Image, device: torch.device) -> torch.Tensor:
     """An RGB uint8 CHW tensor on ``device``: one copy out of Pillow, the layout stays channels-last."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = np.asarray(image)
+    array = np.asarray(to_rgb(image))
     with warnings.catch_warnings():
         # Pillow hands out a read-only buffer; nothing writes to this tensor, later steps make new ones.
         warnings.simplefilter("ignore", UserWarning)

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -93,16 +94,15 @@ def import_model_file(model_dir: str, model_file: str) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise ModelLoadError(f"importing model file {model_file!r} failed: {type(exc).__name__}: {one_line(exc)}") from exc
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
+        raise ModelLoadError(f"importing model file {model_file!r} failed: {reason}") from exc
     return module
 
 
-def _weights_only_reason(exc: BaseException) -> str:
-    # torch's message is a page of advice; the line naming the offending global is the useful one.
-    for line in str(exc).splitlines():
-        if "WeightsUnpickler error" in line or "Unsupported global" in line:
-            return " ".join(line.split())
-    return one_line(exc, 200)
+def _is_legacy_pickle(path: str) -> bool:
+    # torch.save before 1.6 (and _use_new_zipfile_serialization=False) writes a bare pickle.
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def load_state_dict(pt_path: str, device: torch.device) -> Mapping[str, Any]:
@@ -110,16 +110,22 @@ def load_state_dict(pt_path: str, device: torch.device) -> Mapping[str, Any]:
     name = os.path.basename(pt_path)
     if not os.path.isfile(pt_path):
         raise ModelLoadError(f"serialized file {name!r} named in the manifest is missing from the archive")
-    if serialized_kind(pt_path) == "torchscript":
-        raise ModelLoadError(f"{name} is a TorchScript file, not a state_dict: archive it without --model-file")
+    kind = serialized_kind(pt_path)
+    if kind in ("torchscript", "exported", "aoti"):
+        what = "a TorchScript file" if kind == "torchscript" else "an exported program"
+        raise ModelLoadError(f"{name} is {what}, not a state_dict: archive it without --model-file")
+    if kind != "pickle" and not _is_legacy_pickle(pt_path):
+        raise ModelLoadError(f"{name} is not a torch.save file, so it holds no state_dict for the model file's class")
     try:
         state = torch.load(pt_path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        culprit = f"it pickles {found.group(1)}" if found else "it holds more than tensors and plain containers"
+        raise ModelLoadError(
+            f"{name} is not a plain state_dict: {culprit}, which torch.load(weights_only=True) refuses; "
+            "save model.state_dict() instead of the model"
+        ) from None
     except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError):
-            raise ModelLoadError(
-                f"{name} is not a plain state_dict, so it cannot be loaded with weights_only=True "
-                f"({_weights_only_reason(exc)}); save model.state_dict() instead of the model"
-            ) from None
         raise ModelLoadError(f"cannot read {name} as a state_dict: {one_line(exc)}") from None
     if not isinstance(state, Mapping):
         raise ModelLoadError(f"{name} holds a {type(state).__name__}, not a state_dict")

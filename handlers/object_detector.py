@@ -36,6 +36,9 @@ class ObjectDetector(VisionHandler):
             labels = detections["labels"][keep].tolist()
             scores = detections["scores"][keep].tolist()
             result.append(
-                [{label_for(self.mapping, label): box, "score": score} for label, box, score in zip(labels, boxes, scores)]
+                [
+                    {label_for(self.mapping, label): box, "score": score}
+                    for label, box, score in zip(labels, boxes, scores)
+                ]
             )
         return result

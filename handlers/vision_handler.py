@@ -79,10 +79,8 @@ class VisionHandler(BaseHandler):
                 except (TypeError, ValueError, RuntimeError) as exc:
                     raise RequestError(f"the JSON input is not an array of numbers: {exc}") from None
             image = images.open_image(value, self.image_formats)
-            if spec is not None and image.mode != "RGB":
-                # The built-in transforms expect 3 channels; grayscale, palette, RGBA, CMYK become RGB.
-                image = image.convert("RGB")
-            return image
+            # The built-in transforms expect 3 channels; a handler's own transforms get the image as decoded.
+            return images.to_rgb(image) if spec is not None else image
         except RequestError as exc:
             return exc
 

@@ -17,6 +17,7 @@ import sys
 import traceback
 from typing import Any
 
+import handlers
 from handlers.context import Context
 
 from .. import protocol
@@ -40,6 +41,9 @@ def _die_with_parent(parent_pid: int) -> None:
 def _load(meta: dict[str, Any]) -> Service:
     model_dir = meta["model_dir"]
     os.chdir(model_dir)
+    # TorchServe's import names (ts.torch_handler...) resolve to marserve's handlers, in workers
+    # only: a real torchserve installed beside marserve is never shadowed in site-packages.
+    sys.path.insert(0, handlers.COMPAT_PATH)
     sys.path.insert(0, model_dir)
     initialize, entry = load_handler(meta["handler"])
     context = Context(

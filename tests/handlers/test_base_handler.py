@@ -33,7 +33,8 @@ LINEAR = """
 
 
 def _weights() -> dict[str, torch.Tensor]:
-    return {"fc.weight": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]]), "fc.bias": torch.tensor([0.5, -1.0])}
+    weight = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    return {"fc.weight": weight, "fc.bias": torch.tensor([0.5, -1.0])}
 
 
 def _expected(rows: list[list[float]]) -> list[list[float]]:
@@ -109,12 +110,14 @@ def test_exported_program(model_dir: Path) -> None:
     [
         ({}, {}, "No model weights could be loaded: the manifest names neither"),
         ({}, {"serializedFile": "gone.pt"}, "No model weights could be loaded: serialized file 'gone.pt' is missing"),
-        ({"w.pt": "state_dict"}, {"serializedFile": "w.pt"}, "is a torch.save file (a state_dict?), which needs its model class"),
+        ({"w.pt": "state_dict"}, {"serializedFile": "w.pt"}, "is a torch.save file (a state_dict?), which needs"),
         ({"junk.pt": b"not a model"}, {"serializedFile": "junk.pt"}, "junk.pt is neither a TorchScript file"),
-        ({}, {"modelFile": "missing.py", "serializedFile": "w.pt"}, "model file 'missing.py' named in the manifest is missing"),
+        ({}, {"modelFile": "missing.py", "serializedFile": "w.pt"}, "model file 'missing.py' named in the manifest"),
     ],
 )
-def test_load_failures_are_one_clear_line(model_dir: Path, files: dict[str, object], model: dict[str, str], message: str) -> None:
+def test_load_failures_are_one_clear_line(
+    model_dir: Path, files: dict[str, object], model: dict[str, str], message: str
+) -> None:
     for name, content in files.items():
         if content == "state_dict":
             torch.save(_weights(), model_dir / name)
@@ -146,7 +149,14 @@ def test_pickled_whole_model_is_refused_by_weights_only(model_dir: Path) -> None
     with pytest.raises(ModelLoadError) as info:
         _load(model_dir, modelFile=model_file, serializedFile="whole.pt")
     text = str(info.value)
-    assert "weights_only=True" in text and "state_dict" in text and "\n" not in text
+    assert "whole.pt is not a plain state_dict: it pickles torch.nn.modules.linear.Linear" in text
+    assert "weights_only=True" in text and "\n" not in text
+
+
+def test_weights_that_are_not_a_torch_save_file(model_dir: Path) -> None:
+    (model_dir / "labels.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="labels.json is not a torch.save file"):
+        _load(model_dir, modelFile=write_model_file(model_dir, LINEAR), serializedFile="labels.json")
 
 
 def test_torchscript_file_with_model_file_says_what_to_do(model_dir: Path) -> None:

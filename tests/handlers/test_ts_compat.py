@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,9 +58,12 @@ def test_ts_names_are_marserve_objects() -> None:
     )
 
 
-def test_compat_path_is_not_on_sys_path_by_default() -> None:
+def test_ts_is_not_importable_outside_workers() -> None:
+    """marserve installs no top-level ``ts``: outside a worker, ``import ts`` finds TorchServe or nothing."""
     assert os.path.isdir(os.path.join(handlers.COMPAT_PATH, "ts", "torch_handler"))
-    assert not any(Path(p, "ts").exists() for p in sys.path if p and p != handlers.COMPAT_PATH and "site-packages" in p)
+    probe = "import importlib.util, handlers; spec = importlib.util.find_spec('ts'); print(spec and spec.origin)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd="/")
+    assert handlers.COMPAT_PATH not in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -89,21 +94,22 @@ def in_model_dir(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def test_digits_example_runs_unchanged(in_model_dir: Path) -> None:
     for name in ("digits_handler.py", "model.py", "digits.pt", "index_to_name.json"):
         shutil.copy(DIGITS / name, in_model_dir / name)
-    context = make_context(in_model_dir, {"serializedFile": "digits.pt", "modelFile": "model.py", "handler": "digits_handler.py"})
+    manifest_model = {"serializedFile": "digits.pt", "modelFile": "model.py", "handler": "digits_handler.py"}
+    context = make_context(in_model_dir, manifest_model)
     initialize, entry = load_handler("digits_handler.py")
     initialize(context)
+    handler: Any = entry.__self__  # type: ignore[attr-defined]
     samples = sorted((DIGITS / "samples").glob("digit_*.png"))
     assert len(samples) == 10
     data = [{"data": bytearray(path.read_bytes())} for path in samples]
-    out = run_batch(entry.__self__, context, data)  # type: ignore[attr-defined]
+    out = run_batch(handler, context, data)
     truth = [path.stem.split("_")[1] for path in samples]
     assert [next(iter(prediction)) for prediction in out] == truth
-    assert all(len(prediction) == 5 and list(prediction.values()) == sorted(prediction.values(), reverse=True) for prediction in out)
+    for prediction in out:
+        assert len(prediction) == 5 and list(prediction.values()) == sorted(prediction.values(), reverse=True)
     # One at a time too, as base64 text.
-    import base64
-
     for path, label in zip(samples[:3], truth):
-        single = run_batch(entry.__self__, context, [{"body": base64.b64encode(path.read_bytes()).decode()}])  # type: ignore[attr-defined]
+        single = run_batch(handler, context, [{"body": base64.b64encode(path.read_bytes()).decode()}])
         assert next(iter(single[0])) == label
 
 
@@ -174,7 +180,8 @@ def test_torchserve_style_custom_handler(in_model_dir: Path) -> None:
     context = make_context(in_model_dir, {"modelFile": "model.py"})  # eager without weights: the class's own
     initialize, entry = load_handler("json_handler.py")
     initialize(context)
-    out = run_batch(entry.__self__, context, [{"body": bytearray(b'{"x": 1.5}')}, {"data": bytearray(b'{"x": -2}')}])  # type: ignore[attr-defined]
+    data = [{"body": bytearray(b'{"x": 1.5}')}, {"data": bytearray(b'{"x": -2}')}]
+    out = run_batch(entry.__self__, context, data)  # type: ignore[attr-defined]
     assert out == [{"y": 3.0}, {"y": -4.0}]
     assert context.get_response_content_type(1) == "application/json"
 

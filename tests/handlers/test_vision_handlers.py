@@ -134,7 +134,8 @@ def test_inputs_jpeg_png_webp_bytes_and_base64(model_dir: Path) -> None:
 
 def test_grayscale_rgba_and_palette_images_become_rgb(model_dir: Path) -> None:
     handler = _classifier(model_dir)
-    inputs = [{"body": encode(sample_image(mode=mode), fmt)} for mode, fmt in (("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"))]
+    kinds = (("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"))
+    inputs = [{"body": encode(sample_image(mode=mode), fmt)} for mode, fmt in kinds]
     out = run_batch(handler, handler.context, inputs)
     assert _statuses(handler, 3) == [200, 200, 200] and all(len(o) == 5 for o in out)
 
@@ -223,10 +224,17 @@ def test_object_detector_output(model_dir: Path) -> None:
     (model_dir / "index_to_name.json").write_text(json.dumps({"1": "cat", "2": "dog"}))
     handler = ObjectDetector()
     handler.initialize(make_context(model_dir, {"modelFile": write_model_file(model_dir, DETECTOR)}))
-    data = [{"body": encode(sample_image(64, 48), "JPEG")}, {"body": b"junk"}, {"body": encode(sample_image(40, 30), "PNG")}]
+    data = [
+        {"body": encode(sample_image(64, 48), "JPEG")},
+        {"body": b"junk"},
+        {"body": encode(sample_image(40, 30), "PNG")},
+    ]
     out = run_batch(handler, handler.context, data)
     assert _statuses(handler, 3) == [200, 400, 200]
-    expected = [{"cat": [0.0, 0.0, 10.0, 10.0], "score": pytest.approx(0.9)}, {"3": [2.0, 2.0, 8.0, 8.0], "score": pytest.approx(0.6)}]
+    expected = [
+        {"cat": [0.0, 0.0, 10.0, 10.0], "score": pytest.approx(0.9)},
+        {"3": [2.0, 2.0, 8.0, 8.0], "score": pytest.approx(0.6)},  # no label for class 3: its index
+    ]
     assert out[0] == expected and out[2] == expected
     # Images of different sizes reach the model as a list, unresized, scaled to [0, 1].
     assert handler.model.shapes == [(3, 48, 64), (3, 30, 40)]
@@ -246,3 +254,24 @@ def test_subclass_transforms_get_the_pil_image(model_dir: Path) -> None:
     handler.initialize(make_context(model_dir, model))
     run_batch(handler, handler.context, [{"body": encode(sample_image(mode="L"), "PNG")}])
     assert seen == ["L"]  # as decoded: a handler's own transforms get no RGB conversion
+
+
+def test_mangled_images_never_fail_the_batch(model_dir: Path) -> None:
+    """Bytes flipped, cut or spliced anywhere in a JPEG, PNG or WebP: a 4xx or a prediction, never a 5xx."""
+    handler = _classifier(model_dir)
+    rng = torch.Generator().manual_seed(0)
+    originals = [encode(sample_image(96, 64), fmt) for fmt in ("JPEG", "PNG", "WEBP")]
+    data = []
+    for i in range(36):
+        raw = bytearray(originals[i % 3])
+        for _ in range(1 + i % 4):
+            at = int(torch.randint(0, len(raw), (1,), generator=rng))
+            raw[at] = int(torch.randint(0, 256, (1,), generator=rng))
+        if i % 5 == 0:
+            raw = raw[: len(raw) * 2 // 3]
+        data.append({"body": raw})
+    data.append({"body": originals[0]})
+    out = run_batch(handler, handler.context, data)
+    statuses = _statuses(handler, len(data))
+    assert statuses[-1] == 200 and set(statuses) <= {200, 400}
+    assert all(("message" in o) == (s == 400) for o, s in zip(out, statuses))

@@ -1,4 +1,4 @@
-"""``ts.torch_handler.base_handler``: marserve's handlers.base_handler (see the package docstring for the alias)."""
+"""``ts.torch_handler.base_handler``: an alias of ``handlers.base_handler`` (see the package docstring)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``ts.torch_handler.image_classifier``: marserve's handlers.image_classifier (see the package docstring for the alias)."""
+"""``ts.torch_handler.image_classifier``: an alias of ``handlers.image_classifier`` (see the package docstring)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``ts.torch_handler.image_segmenter``: marserve's handlers.image_segmenter (see the package docstring for the alias)."""
+"""``ts.torch_handler.image_segmenter``: an alias of ``handlers.image_segmenter`` (see the package docstring)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``ts.torch_handler.object_detector``: marserve's handlers.object_detector (see the package docstring for the alias)."""
+"""``ts.torch_handler.object_detector``: an alias of ``handlers.object_detector`` (see the package docstring)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``ts.torch_handler.vision_handler``: marserve's handlers.vision_handler (see the package docstring for the alias)."""
+"""``ts.torch_handler.vision_handler``: an alias of ``handlers.vision_handler`` (see the package docstring)."""
 
 import sys
 
