@@ -14,8 +14,8 @@ from .openapi import metrics_openapi
 from .registry import ModelRegistry
 
 
-def create_inference_app(registry: ModelRegistry) -> Starlette:
-    return Starlette(routes=inference_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+def create_inference_app(registry: ModelRegistry) -> inference_api.InferenceApp:
+    return inference_api.InferenceApp(registry)
 
 
 def create_management_app(registry: ModelRegistry) -> Starlette:

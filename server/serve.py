@@ -44,6 +44,9 @@ def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
             lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             server_header=False,
+            # Forwarded-for headers are trusted from nobody: marserve is not deployed behind a
+            # proxy by default, and the check costs time on every request.
+            proxy_headers=False,
             ssl_certfile=str(config.certificate_file) if config.certificate_file else None,
             ssl_keyfile=str(config.private_key_file) if config.private_key_file else None,
         )
