@@ -137,3 +137,20 @@ def _children(pid: int) -> list[int]:
             except (OSError, ValueError):
                 pass
     return children
+
+
+def test_models_all_registers_every_archive_in_the_store(tmp_path: Path) -> None:
+    server = Server(tmp_path, args=("--models", "all"))
+    make_mar(server.store, "first", "echo_handler.py")
+    make_mar(server.store, "second", "echo_handler.py")
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        for model in ("first", "second"):
+            while server.predict(model, b"hi").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        described = server.http.get(f"{server.management}/models/first").json()[0]
+        assert described["loadedAtStartup"] is True
+    finally:
+        server.stop()
