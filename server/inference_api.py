@@ -18,7 +18,7 @@ from .batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError
 from .forms import request_params
 from .http import EXCEPTION_HANDLERS, NO_CACHE, error_body, json_response
-from .openapi import inference_openapi
+from .openapi import for_model, inference_openapi
 from .registry import ModelRegistry
 
 log = logging.getLogger("marserve.inference")
@@ -97,7 +97,7 @@ def _routes(registry: ModelRegistry) -> list[Route]:
         # Reached only by OPTIONS: every other method on these paths is a prediction.
         name = request.path_params["model_name"]
         registry.get(name)
-        return json_response(model_openapi(name))
+        return json_response(for_model(inference_openapi(), name, ("/predictions/", "/explanations/")))
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -112,17 +112,6 @@ def _routes(registry: ModelRegistry) -> list[Route]:
         Route("/predictions/{model_name}{rest:path}", model_description, methods=["OPTIONS"]),
         Route("/explanations/{model_name}{rest:path}", model_description, methods=["OPTIONS"]),
     ]
-
-
-def model_openapi(name: str) -> dict[str, object]:
-    """``OPTIONS /predictions/{m}``: the inference API's model routes, for this model (as TorchServe)."""
-    description = inference_openapi()
-    description["paths"] = {
-        path.replace("{model_name}", name): operations
-        for path, operations in description["paths"].items()
-        if path.startswith(("/predictions/", "/explanations/"))
-    }
-    return description
 
 
 _NO_CACHE_RAW = [(k.lower().encode(), v.encode()) for k, v in NO_CACHE.items()]

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from .errors import BadRequest, MethodNotAllowed
 from .http import json_response, read_body, status_response
 from .model import ModelVersion
-from .openapi import management_openapi
+from .openapi import for_model, management_openapi
 from .registry import ModelRegistry, RegisterRequest
 
 _PAGE_SIZE = 1 << 12
@@ -167,7 +167,7 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
         version = request.path_params.get("version")
         if request.method == "OPTIONS":
             registry.get(name, version)
-            return json_response(model_openapi(name))
+            return json_response(for_model(management_openapi(), name, ("/models/{model_name}",)))
         if request.method == "GET":
             if version == "all":
                 return json_response([describe(m) for m in registry.versions(name)])
@@ -202,17 +202,6 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
         Route("/models/{model_name}/{version}", model, methods=["GET", "PUT", "DELETE", "POST", "OPTIONS"]),
         Route("/models/{model_name}/{version}/set-default", set_default, methods=["PUT"]),
     ]
-
-
-def model_openapi(name: str) -> dict[str, Any]:
-    """``OPTIONS /models/{m}[/{v}]``: the management API's per-model routes, for this model (as TorchServe)."""
-    description = management_openapi()
-    description["paths"] = {
-        path.replace("{model_name}", name): operations
-        for path, operations in description["paths"].items()
-        if path.startswith("/models/{model_name}")
-    }
-    return description
 
 
 def _int_or_zero(value: str | None) -> int:

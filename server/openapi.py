@@ -83,3 +83,18 @@ def management_openapi() -> dict[str, Any]:
 
 def metrics_openapi() -> dict[str, Any]:
     return _doc("marserve metrics API", {"/": {"options": _op("This API description")}, "/metrics": {"get": _op("Prometheus metrics", _query("name[]"))}})
+
+
+def for_model(document: dict[str, Any], name: str, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """``document`` narrowed to the per-model paths under ``prefixes``, with ``name`` filled in.
+
+    TorchServe answers ``OPTIONS`` on a model's own paths with such a description.
+    """
+    return {
+        **document,
+        "paths": {
+            path.replace("{model_name}", name): operations
+            for path, operations in document["paths"].items()
+            if path.startswith(prefixes)
+        },
+    }
