@@ -6,26 +6,27 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from . import inference_api, management_api
-from .http import EXCEPTION_HANDLERS, json_response
+from .http import EXCEPTION_HANDLERS, ObserveResponses, json_response
 from .metrics import Metrics
 from .openapi import metrics_openapi
 from .registry import ModelRegistry
 
 
-def create_inference_app(registry: ModelRegistry) -> inference_api.InferenceApp:
-    return inference_api.InferenceApp(registry)
+def create_inference_app(registry: ModelRegistry, metrics: Metrics) -> inference_api.InferenceApp:
+    return inference_api.InferenceApp(registry, metrics)
 
 
-def create_management_app(registry: ModelRegistry) -> Starlette:
+def create_management_app(registry: ModelRegistry, metrics: Metrics) -> ASGIApp:
     app = Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
     # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
     app.router.redirect_slashes = False
-    return app
+    return ObserveResponses(app, metrics)
 
 
-def create_metrics_app(metrics: Metrics) -> Starlette:
+def create_metrics_app(metrics: Metrics) -> ASGIApp:
     async def scrape(request: Request) -> Response:
         names = request.query_params.getlist("name[]")
         body, content_type = metrics.render(names)
@@ -38,4 +39,4 @@ def create_metrics_app(metrics: Metrics) -> Starlette:
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/metrics", scrape, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return ObserveResponses(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), metrics)

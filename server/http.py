@@ -4,16 +4,56 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
 
 log = logging.getLogger("marserve.http")
+access_log = logging.getLogger("marserve.access")
+
+
+class StatusCounter(Protocol):
+    def response(self, status: int) -> None: ...
+
+
+def log_access(scope: Scope, status: int, started: float, request_id: str) -> None:
+    """One access-log line: client, request line, status, latency and request id."""
+    if access_log.isEnabledFor(logging.INFO):
+        client = scope.get("client") or ("-", 0)
+        access_log.info(
+            '%s "%s %s" %d %.2fms %s',
+            client[0], scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000, request_id,
+        )  # fmt: skip
+
+
+class ObserveResponses:
+    """Counts each response's status class and writes its access-log line (every port does both)."""
+
+    def __init__(self, app: ASGIApp, metrics: StatusCounter) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def observing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.response(message["status"])
+                request_id = dict(message.get("headers", ())).get(b"x-request-id", b"-").decode()
+                log_access(scope, message["status"], started, request_id)
+            await send(message)
+
+        await self.app(scope, receive, observing_send)
 
 
 # TorchServe sends these on every response; clients and proxies must not cache predictions.

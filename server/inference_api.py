@@ -17,7 +17,8 @@ from starlette.types import Receive, Scope, Send
 from .batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError
 from .forms import request_params
-from .http import EXCEPTION_HANDLERS, NO_CACHE, error_body, json_response
+from .http import EXCEPTION_HANDLERS, NO_CACHE, ObserveResponses, error_body, json_response, log_access
+from .metrics import Metrics
 from .openapi import for_model, inference_openapi
 from .registry import ModelRegistry
 
@@ -31,10 +32,12 @@ class InferenceApp:
     descriptions, unknown paths) goes through an ordinary Starlette app.
     """
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
         self.registry = registry
+        self.metrics = metrics
         self.limit = registry.config.max_request_size
-        self.fallback = Starlette(routes=_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+        fallback = Starlette(routes=_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+        self.fallback = ObserveResponses(fallback, metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
@@ -49,6 +52,7 @@ class InferenceApp:
     ) -> None:
         received = time.perf_counter()
         request_id = str(uuid.uuid4())
+        job = None
         try:
             model = self.registry.get(name, version)
             body = await _read_body(scope, receive, self.limit)
@@ -71,6 +75,12 @@ class InferenceApp:
         response_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
+        self.metrics.response(status)
+        if job is not None:
+            # TorchServe counts every request that reached its queue, even one refused there.
+            queued = job.dispatched - received if job.dispatched else 0.0
+            self.metrics.inference(name, version, model.version, time.perf_counter() - received, queued)
+        log_access(scope, status, received, request_id)
 
 
 def prediction_target(path: str) -> tuple[str, str, str | None, str] | None:

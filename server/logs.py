@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .config import ServerConfig
 
@@ -26,12 +27,31 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(config: ServerConfig, foreground: bool) -> None:
-    """Foreground: everything to stderr. Background: the launcher already sent stderr to the log dir."""
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    """Foreground: every log to stderr. Background: TorchServe's files in ``log_location``:
+    ``ts_log.log`` (server), ``access_log.log`` (one line a request) and ``model_log.log``
+    (workers' stdout and stderr, each line prefixed with its model and worker id).
+    """
+    formatter: logging.Formatter = (
+        JsonFormatter() if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )  # fmt: skip
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(config.log_level)
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(formatter)
+        root.handlers[:] = [handler]
+        return
+    directory = Path(config.log_location)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def file_handler(name: str) -> logging.Handler:
+        handler = logging.FileHandler(directory / name, encoding="utf-8")
+        handler.setFormatter(formatter)
+        return handler
+
+    root.handlers[:] = [file_handler("ts_log.log")]
+    for logger_name, file_name in (("marserve.access", "access_log.log"), ("marserve.model", "model_log.log")):
+        logger = logging.getLogger(logger_name)
+        logger.handlers[:] = [file_handler(file_name)]
+        logger.propagate = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +15,7 @@ from .http import json_response, read_body, status_response
 from .model import ModelVersion
 from .openapi import for_model, management_openapi
 from .registry import ModelRegistry, RegisterRequest
+from .system_metrics import rss_bytes
 
 _PAGE_SIZE = 1 << 12
 
@@ -56,16 +56,6 @@ def _bool(params: dict[str, str], key: str, default: bool) -> bool:
     return value.lower() == "true"
 
 
-def _rss_bytes(pid: int | None) -> int:
-    if pid is None:
-        return 0
-    try:
-        with open(f"/proc/{pid}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def describe(model: ModelVersion) -> dict[str, Any]:
     s = model.settings
     workers = []
@@ -77,7 +67,7 @@ def describe(model: ModelVersion) -> dict[str, Any]:
                 "id": slot.id,
                 "startTime": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "status": "READY" if slot.status == "READY" else "UNLOADING",
-                "memoryUsage": _rss_bytes(process.pid if process and slot.status == "READY" else None),
+                "memoryUsage": rss_bytes(process.pid) if process and process.pid and slot.status == "READY" else 0,
                 "pid": process.pid if process and process.pid else -1,
                 "gpu": slot.gpu_id is not None,
                 "gpuUsage": "N/A",

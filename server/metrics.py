@@ -1,15 +1,242 @@
-"""Prometheus metrics, declared once per server in their own registry (never the global one)."""
+"""Metrics: TorchServe's names on /metrics, Prometheus histograms beside them, handler metrics.
+
+Everything lives in one ``CollectorRegistry`` per server (never prometheus-client's global one).
+
+TorchServe's counters (``ts_inference_requests_total``, ``ts_inference_latency_microseconds``,
+``ts_queue_latency_microseconds``, ``Requests2XX``/``4XX``/``5XX``) keep their exact names. They are
+exposed as *untyped*: prometheus-client would append ``_total`` to a counter's name, and
+``rate()`` works the same on either type. TorchServe's gauges (``QueueTime``,
+``WorkerThreadTime``, ``WorkerLoadTime``, ``HandlerTime``, ``PredictionTime``) are gauges.
+
+The recording calls are on the request path, so they only add to dicts and histograms; the
+Prometheus objects for TorchServe's names are built when /metrics is scraped.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+import math
+import re
+import socket
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+# Latency buckets in seconds, from a fast echo (sub-millisecond) to a slow batch (a minute).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, math.inf)
+MODEL_LABELS = ("model_name", "model_version")
+_PROMETHEUS_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    """The server's metrics, recorded by the request path and read by the metrics API."""
+
+    def __init__(self, hostname: str | None = None) -> None:
+        # The *_created series only double the output; this frontend process wants none.
+        disable_created_metrics()
+        self.hostname = hostname or socket.gethostname()
+        self.registry = CollectorRegistry()
+        self._ts = _TorchServeMetrics(self.hostname)
+        self.registry.register(self._ts)
+        self._custom = _HandlerMetrics(self.hostname)
+        self.registry.register(self._custom)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, MODEL_LABELS, buckets=tuple(buckets), registry=self.registry)
+
+        self.request_seconds = histogram(
+            "marserve_request_duration_seconds", "Inference request latency, from receipt to response."
+        )
+        self.queue_seconds = histogram(
+            "marserve_queue_duration_seconds", "Time inference requests wait in the queue before dispatch."
+        )
+        self.handler_seconds = histogram(
+            "marserve_handler_duration_seconds", "Time the handler takes for one batch (PredictionTime)."
+        )
+        self.batch_size = histogram("marserve_batch_size", "Requests per batch sent to a worker.", BATCH_BUCKETS)
+        self.load_seconds = histogram(
+            "marserve_model_load_duration_seconds", "Time from a worker's start to its model being loaded."
+        )
+        self._workers = _WorkerStates()
+        self.registry.register(self._workers)
+
+    # -- recording (request path) ------------------------------------------------------------------
+
+    def response(self, status: int) -> None:
+        """One HTTP response on any port (TorchServe's Requests2XX/4XX/5XX)."""
+        self._ts.status[_status_class(status)] += 1
+
+    def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
+        """One inference request that reached its model's queue, answered after ``seconds``."""
+        key = (name, url_version or "default")
+        ts = self._ts
+        ts.requests[key] += 1
+        ts.latency_us[key] += seconds * 1e6
+        ts.queue_us[key] += queue_seconds * 1e6
+        self.request_seconds.labels(name, version).observe(seconds)
+        if queue_seconds:
+            self.queue_seconds.labels(name, version).observe(queue_seconds)
+            ts.gauges["QueueTime"][()] = queue_seconds * 1000
+
+    def batch(
+        self, name: str, version: str, size: int, round_trip: float, handler_ms: float | None, reported: list[dict[str, Any]]
+    ) -> None:
+        """One batch answered by a worker; ``reported`` are the metrics its handler recorded."""
+        self.batch_size.labels(name, version).observe(size)
+        if handler_ms is not None:
+            self.handler_seconds.labels(name, version).observe(handler_ms / 1000)
+            self._ts.gauges["WorkerThreadTime"][()] = max(0.0, round_trip * 1000 - handler_ms)
+        for metric in reported:
+            self._custom.record(metric)
+
+    def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
+        self.load_seconds.labels(name, version).observe(seconds)
+        worker = f"W-{worker_id}-{name}_{version}"
+        self._ts.gauges["WorkerLoadTime"][(("WorkerName", worker),)] = seconds * 1000
+
+    def watch_workers(self, source: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        """``source`` lists (model, version, state) for every worker; read at scrape time."""
+        self._workers.source = source
+
+    # -- reading ---------------------------------------------------------------------------------
 
     def render(self, names: list[str]) -> tuple[bytes, str]:
-        registry = self.registry.restricted_registry(names) if names else self.registry
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        """The Prometheus text; with ``names`` (the API's ``name[]=``), only those metric families."""
+        source: Any = self.registry
+        if names:
+            wanted = set(names)
+            source = _Only(m for m in self.registry.collect() if m.name in wanted)
+        return generate_latest(source), CONTENT_TYPE_LATEST
+
+
+class _Only:
+    """Already collected metrics, in the shape generate_latest reads."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self._metrics = list(metrics)
+
+    def collect(self) -> list[Metric]:
+        return self._metrics
+
+
+def _status_class(status: int) -> int:
+    if 200 <= status < 300:
+        return 2
+    if 400 <= status < 500:
+        return 4
+    return 5  # TorchServe counts everything that is neither 2xx nor 4xx as 5XX
+
+
+class _TorchServeMetrics(Collector):
+    """TorchServe's frontend metrics under their own names, built at scrape time from plain dicts."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.status = {2: 0, 4: 0, 5: 0}
+        self.requests: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self.latency_us: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self.queue_us: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self.gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {
+            "QueueTime": {},
+            "WorkerThreadTime": {},
+            "WorkerLoadTime": {},
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        host = {"Level": "Host", "Hostname": self.hostname}
+        for cls in (2, 4, 5):
+            metric = Metric(f"Requests{cls}XX", f"Torchserve prometheus counter metric with unit: Count", "unknown")
+            metric.add_sample(f"Requests{cls}XX", host, float(self.status[cls]))
+            yield metric
+        per_model = [
+            ("ts_inference_requests_total", "Count", self.requests),
+            ("ts_inference_latency_microseconds", "Microseconds", self.latency_us),
+            ("ts_queue_latency_microseconds", "Microseconds", self.queue_us),
+        ]
+        for name, unit, values in per_model:
+            metric = Metric(name, f"Torchserve prometheus counter metric with unit: {unit}", "unknown")
+            for (model, version), value in list(values.items()):
+                labels = {"model_name": model, "model_version": version, "hostname": self.hostname}
+                metric.add_sample(name, labels, value)
+            yield metric
+        for name, series in self.gauges.items():
+            unit = "Milliseconds"
+            labels = ["Level", "Hostname"] + ([k for k, _ in next(iter(series))] if series else [])
+            family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=labels)
+            for extra, value in list(series.items()):
+                family.add_metric(["Host", self.hostname, *(v for _, v in extra)], value)
+            yield family
+
+
+class _WorkerStates(Collector):
+    """``marserve_workers{model_name, model_version, state}``: counted when scraped, never stale."""
+
+    STATES = ("READY", "STARTING", "RESTARTING", "FAILED")
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str, str]]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        counts: defaultdict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.STATES, 0))
+        for name, version, state in self.source():
+            if state in self.STATES:
+                counts[(name, version)][state] += 1
+        family = GaugeMetricFamily("marserve_workers", "Worker processes by state.", labels=[*MODEL_LABELS, "state"])
+        for (name, version), states in counts.items():
+            for state, count in states.items():
+                family.add_metric([name, version, state], count)
+        yield family
+
+
+class _HandlerMetrics(Collector):
+    """Metrics handlers record through ``context.metrics``, with their dimensions as labels.
+
+    Counters keep adding; gauges keep the last value; histograms keep every observation's sum
+    and count (TorchServe's Prometheus mode does the same with its own buckets).
+    """
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        # name -> (type, unit, label names, {label values: value or [sum, count]})
+        self.series: dict[str, tuple[str, str, tuple[str, ...], dict[tuple[str, ...], Any]]] = {}
+
+    def record(self, metric: dict[str, Any]) -> None:
+        try:
+            name = _PROMETHEUS_NAME.sub("_", str(metric["name"]))
+            kind = metric.get("type", "counter")
+            labels = tuple(_PROMETHEUS_NAME.sub("_", str(k)) for k, _ in metric.get("dimensions", ())) + ("Hostname",)
+            values = tuple(str(v) for _, v in metric.get("dimensions", ())) + (self.hostname,)
+            value = float(metric["value"])
+        except (KeyError, TypeError, ValueError):
+            return  # a malformed report from a handler must not break the request path
+        entry = self.series.get(name)
+        if entry is None or entry[0] != kind or entry[2] != labels:
+            # A metric re-declared with other dimensions replaces the old series, as in TorchServe's cache.
+            entry = (kind, str(metric.get("unit", "")), labels, {})
+            self.series[name] = entry
+        points = entry[3]
+        if kind == "counter":
+            points[values] = points.get(values, 0.0) + value
+        elif kind == "histogram":
+            total, count = points.get(values, (0.0, 0))
+            points[values] = (total + value, count + 1)
+        else:
+            points[values] = value
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (kind, unit, labels, points) in list(self.series.items()):
+            doc = f"Handler {kind} metric with unit: {unit}"
+            metric = Metric(name, doc, "unknown" if kind == "counter" else "gauge" if kind == "gauge" else "summary")
+            for values, value in list(points.items()):
+                sample_labels = dict(zip(labels, values))
+                if kind == "histogram":
+                    metric.add_sample(f"{name}_sum", sample_labels, value[0])
+                    metric.add_sample(f"{name}_count", sample_labels, float(value[1]))
+                else:
+                    metric.add_sample(name, sample_labels, value)
+            yield metric

@@ -56,7 +56,8 @@ class WorkerSlot:
 class Observer:
     """Hooks the metrics module sets; the default does nothing."""
 
-    batch_done: Callable[["ModelVersion", list[Job], float, float], None] = lambda *a: None
+    # (model, batch size, seconds from dispatch to reply, the reply's meta: handler_ms, metrics)
+    batch_done: Callable[["ModelVersion", int, float, dict[str, Any]], None] = lambda *a: None
     worker_loaded: Callable[["ModelVersion", WorkerSlot], None] = lambda *a: None
 
 
@@ -218,9 +219,11 @@ class ModelVersion:
                 process.kill()
 
             timer = loop.call_later(settings.response_timeout, on_timeout)
+            report: dict[str, Any] = {}
             try:
-                replies = await process.predict(batch)
+                replies, report = await process.predict(batch)
             except BatchFailed as exc:
+                report = exc.meta
                 _fail_all(batch, InternalServerError(exc.message, exc.code))
             except WorkerDied:
                 if not timed_out:
@@ -239,7 +242,7 @@ class ModelVersion:
             finally:
                 timer.cancel()
                 slot.busy = False
-                self.observer.batch_done(self, batch, dispatched, time.perf_counter())
+                self.observer.batch_done(self, len(batch), time.perf_counter() - dispatched, report)
 
 
 def _backoff(failures: int) -> float:

@@ -17,6 +17,8 @@ from .apps import create_inference_app, create_management_app, create_metrics_ap
 from .config import ServerConfig
 from .gpu import detect_gpu_count
 from .metrics import Metrics
+from .model import Observer
+from .system_metrics import SystemMetrics
 from .registry import ModelRegistry, RegisterRequest
 
 log = logging.getLogger("marserve")
@@ -71,10 +73,33 @@ async def serve(
         gpus = min(gpus, config.number_of_gpu)
     workdir = Path(tempfile.mkdtemp(prefix="marserve-"))
     metrics = Metrics()
-    registry = ModelRegistry(config, environ=environ, gpu_count=gpus, workdir=workdir)
+    observer = Observer(
+        batch_done=lambda model, size, seconds, report: metrics.batch(
+            model.name, model.version, size, seconds, report.get("handler_ms"), report.get("metrics", ())
+        ),
+        worker_loaded=lambda model, slot: metrics.worker_loaded(
+            model.name, model.version, slot.id, slot.load_time_ms / 1000
+        ),
+    )
+    registry = ModelRegistry(config, environ=environ, gpu_count=gpus, workdir=workdir, observer=observer)
+    metrics.watch_workers(
+        lambda: [(m.name, m.version, slot.status) for m in registry.all_models() for slot in m.slots]
+    )
+    if not config.disable_system_metrics:
+        metrics.registry.register(
+            SystemMetrics(
+                metrics.hostname,
+                lambda: [
+                    (m.name, m.version, slot.id, slot.process.pid)
+                    for m in registry.all_models()
+                    for slot in m.slots
+                    if slot.status == "READY" and slot.process is not None and slot.process.pid
+                ],
+            )
+        )
     listeners = [
-        _listener(create_inference_app(registry), config.inference_address, config),
-        _listener(create_management_app(registry), config.management_address, config),
+        _listener(create_inference_app(registry, metrics), config.inference_address, config),
+        _listener(create_management_app(registry, metrics), config.management_address, config),
     ]
     if config.enable_metrics_api:
         listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config))

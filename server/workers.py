@@ -28,10 +28,12 @@ class WorkerDied(Exception):
 
 
 class WorkerLoadError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, meta: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # Metrics the handler recorded before failing still count.
+        self.meta = meta or {}
 
 
 @dataclass
@@ -103,8 +105,11 @@ class WorkerProcess:
             self.kill()
             raise WorkerLoadError(meta.get("code", 500), meta.get("message", "load failed"))
 
-    async def predict(self, batch: list[Job]) -> list[Reply]:
-        """Run one batch; raises WorkerDied if the process goes away, BatchFailed on a handler error."""
+    async def predict(self, batch: list[Job]) -> tuple[list[Reply], dict[str, Any]]:
+        """Run one batch: its replies, and the reply's meta (``handler_ms``, the handler's ``metrics``).
+
+        Raises WorkerDied if the process goes away, BatchFailed on a handler error.
+        """
         assert self._reader is not None and self._writer is not None
         requests = []
         blobs: list[bytes] = []
@@ -121,13 +126,14 @@ class WorkerProcess:
         if kind != protocol.RESULT:
             raise WorkerDied(f"unexpected frame {kind!r}")
         if meta["code"] != 200:
-            raise BatchFailed(meta["code"], meta["message"])
+            raise BatchFailed(meta["code"], meta["message"], meta)
         responses = meta["responses"]
         bodies = protocol.split(blob, [r["size"] for r in responses])
-        return [
+        replies = [
             Reply(r["status"], r["phrase"], r["content_type"], [tuple(h) for h in r["headers"]], bytes(body))
             for r, body in zip(responses, bodies)
         ]
+        return replies, meta
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -182,7 +188,9 @@ class WorkerProcess:
 class BatchFailed(Exception):
     """The handler failed the whole batch with this status and message (TorchServe §3.2)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, meta: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # Metrics the handler recorded before failing still count.
+        self.meta = meta or {}

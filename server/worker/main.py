@@ -15,10 +15,12 @@ import signal
 import socket
 import sys
 import traceback
+import uuid
 from typing import Any
 
 import handlers
 from handlers.context import Context
+from handlers.metrics import DEFAULT_MODEL_METRICS, MetricsCache
 
 from .. import protocol
 from .loader import load_handler
@@ -46,6 +48,11 @@ def _load(meta: dict[str, Any]) -> Service:
     sys.path.insert(0, handlers.COMPAT_PATH)
     sys.path.insert(0, model_dir)
     initialize, entry = load_handler(meta["handler"])
+    # TorchServe gives load-time metrics a made-up request id, so they get the model's default
+    # dimensions; they reach the frontend with the first RESULT (LOADED carries none).
+    # A LOAD meta may declare the metrics_config's model_metrics; else TorchServe's defaults.
+    declared = meta.get("model_metrics") or DEFAULT_MODEL_METRICS
+    metrics = MetricsCache(meta["model_name"], request_ids=str(uuid.uuid4()), model_metrics=declared)
     context = Context(
         model_name=meta["model_name"],
         model_dir=model_dir,
@@ -55,6 +62,7 @@ def _load(meta: dict[str, Any]) -> Service:
         mms_version=meta.get("server_version", "0.12.0"),
         limit_max_image_pixels=meta.get("limit_max_image_pixels", True),
         model_yaml_config=meta.get("model_yaml_config") or {},
+        metrics=metrics,
     )
     initialize(context)
     return Service(entry, context, meta.get("decode_input_request", True))
@@ -86,6 +94,8 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 - any load failure is reported, then the worker exits
         protocol.send_frame(sock, protocol.encode(protocol.LOADED, _load_failure(exc)))
         return 1
+    # The model log's record that this worker is up (TorchServe prints "Torch worker started.").
+    print(f"worker pid {os.getpid()} loaded model {frame[1]['model_name']} with handler {frame[1]['handler']}", flush=True)
     protocol.send_frame(sock, protocol.encode(protocol.LOADED, {"code": 200, "message": "loaded", "pid": os.getpid()}))
     sys.stdout.flush()
     while (frame := protocol.recv_frame(sock)) is not None:

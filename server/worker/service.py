@@ -88,14 +88,23 @@ class Service:
         context = self.context
         context.request_ids = {i: request["id"] for i, request in enumerate(requests)}
         context.request_processor = processors
+        metrics = context.metrics
+        if metrics is not None:
+            metrics.request_ids = context.request_ids  # so idx=None tags a metric with every id
         started = time.perf_counter()
         try:
             outputs = self._call(data)
-            parts, responses = self._encode(outputs, len(requests))
+            self._check(outputs, len(requests))
+            # TorchServe: the entry-point call only, recorded only when it succeeded.
+            if metrics is not None:
+                metrics.add_time("PredictionTime", round((time.perf_counter() - started) * 1000, 2))
+            parts, responses = self._encode(outputs)
         except BatchError as exc:
-            return {"code": exc.code, "message": exc.message}, []
+            # Failed batches carry their metrics too: counters recorded before the failure count.
+            return {"code": exc.code, "message": exc.message, "metrics": _drain(metrics)}, []
         handler_ms = (time.perf_counter() - started) * 1000
-        return {"code": 200, "message": "", "responses": responses, "handler_ms": handler_ms}, parts
+        reply = {"code": 200, "message": "", "responses": responses, "handler_ms": handler_ms, "metrics": _drain(metrics)}
+        return reply, parts
 
     def _call(self, data: list[dict[str, Any]]) -> Any:
         try:
@@ -110,13 +119,16 @@ class Service:
                 raise BatchError(507, "Out of resources") from None
             raise BatchError(503, "Prediction failed") from None
 
-    def _encode(self, outputs: Any, expected: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    @staticmethod
+    def _check(outputs: Any, expected: int) -> None:
         if not isinstance(outputs, list):
             print(f"handler returned {type(outputs).__name__}, expected a list", file=sys.stderr)
             raise BatchError(503, "Invalid model predict output")
         if len(outputs) != expected:
             print(f"handler returned {len(outputs)} outputs for {expected} requests", file=sys.stderr)
             raise BatchError(503, "number of batch response mismatched")
+
+    def _encode(self, outputs: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
         parts = []
         responses = []
         for idx, output in enumerate(outputs):
@@ -140,3 +152,9 @@ class Service:
                 }
             )
         return parts, responses
+
+
+def _drain(metrics: Any) -> list[dict[str, Any]]:
+    """The records the handler made since the last reply ([] if its metrics object is not ours)."""
+    drain = getattr(metrics, "drain", None)
+    return drain() if callable(drain) else []

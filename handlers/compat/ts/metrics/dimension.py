@@ -1,0 +1,5 @@
+"""``ts.metrics.dimension``: ``Dimension(name, value)``."""
+
+from handlers.metrics import Dimension
+
+__all__ = ["Dimension"]

@@ -1,0 +1,155 @@
+"""The metrics API and the logs, checked by value: counts move by exactly what was sent."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, make_mar
+
+
+def scrape(server: Server, *names: str) -> str:
+    params = [("name[]", name) for name in names]
+    response = server.http.get(f"{server.metrics}/metrics", params=params)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` whose labels include ``labels``; 0 if it is absent."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(3))
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory):
+    server = Server(tmp_path_factory.mktemp("metrics")).start()
+    make_mar(server.store, "echo", "echo_handler.py")
+    make_mar(server.store, "idle", "echo_handler.py")
+    make_mar(server.store, "custom", "metrics_handler.py")
+    assert server.register("echo.mar", batch_size=4, max_batch_delay=5).status_code == 200
+    assert server.register("idle.mar", initial_workers=0).status_code == 200
+    assert server.register("custom.mar").status_code == 200
+    yield server
+    server.stop()
+
+
+def test_request_counters_and_histograms_count_every_request(srv: Server) -> None:
+    before = scrape(srv)
+    for i in range(7):
+        assert srv.predict("echo", str(i).encode()).status_code == 200
+    assert srv.http.post(f"{srv.inference}/predictions/echo/1.0", content=b"v").status_code == 200
+    after = scrape(srv)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ts_inference_requests_total", model_name="echo", model_version="default") == 7
+    assert delta("ts_inference_requests_total", model_name="echo", model_version="1.0") == 1
+    assert delta("marserve_request_duration_seconds_count", model_name="echo", model_version="1.0") == 8
+    assert delta("marserve_batch_size_sum", model_name="echo", model_version="1.0") == 8
+    assert delta("ts_inference_latency_microseconds", model_name="echo", model_version="default") > 0
+    assert delta("Requests2XX", Level="Host") >= 8
+    assert value(after, "marserve_workers", model_name="echo", state="READY") == 1
+    assert value(after, "marserve_model_load_duration_seconds_count", model_name="echo") == 1
+    assert value(after, "WorkerLoadTime", WorkerName=f"W-{_worker_id(srv, 'echo')}-echo_1.0") > 0
+
+
+def test_404_and_503_move_their_status_class(srv: Server) -> None:
+    before = scrape(srv, "Requests4XX", "Requests5XX", "ts_inference_requests_total")
+    assert srv.predict("nope").status_code == 404
+    assert srv.http.get(f"{srv.management}/models/nope").status_code == 404
+    assert srv.predict("idle").status_code == 503
+    after = scrape(srv, "Requests4XX", "Requests5XX", "ts_inference_requests_total")
+    assert value(after, "Requests4XX") - value(before, "Requests4XX") == 2
+    assert value(after, "Requests5XX") - value(before, "Requests5XX") == 1
+    # A request refused at the queue still counts as an inference request, as in TorchServe.
+    refused = value(after, "ts_inference_requests_total", model_name="idle")
+    assert refused - value(before, "ts_inference_requests_total", model_name="idle") == 1
+
+
+def test_name_filter_returns_only_the_named_families(srv: Server) -> None:
+    text = scrape(srv, "Requests2XX", "marserve_workers")
+    families = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    assert families == {"Requests2XX", "marserve_workers"}
+
+
+def test_handler_custom_metrics_arrive_with_their_dimensions(srv: Server) -> None:
+    before = scrape(srv, "ImagesSeen")
+    for _ in range(3):
+        assert srv.predict("custom", b"img").status_code == 200
+    after = scrape(srv, "ImagesSeen", "DecodeTime", "HandlerTime", "PredictionTime")
+    labels = {"Color": "red", "ModelName": "custom", "Level": "Model"}
+    assert value(after, "ImagesSeen", **labels) - value(before, "ImagesSeen", **labels) == 3
+    assert value(after, "DecodeTime", ModelName="custom", Level="Model") == 12.5
+    assert value(after, "PredictionTime", ModelName="custom") > 0
+
+
+def test_access_log_has_a_line_per_request(srv: Server) -> None:
+    ids = [srv.predict("echo", b"logged").headers["x-request-id"] for _ in range(3)]
+    missing = srv.http.get(f"{srv.management}/models/nope")
+    ids.append(missing.headers["x-request-id"])
+    deadline = time.monotonic() + 5
+    while True:
+        log = srv.log.read_text()
+        if all(request_id in log for request_id in ids):
+            break
+        assert time.monotonic() < deadline, f"access log lines missing for {ids}"
+        time.sleep(0.05)
+    line = next(line for line in log.splitlines() if ids[0] in line)
+    assert '"POST /predictions/echo" 200' in line and "127.0.0.1" in line and "ms" in line
+    assert '"GET /models/nope" 404' in next(line for line in log.splitlines() if ids[3] in line)
+
+
+def test_background_start_writes_torchserve_log_files(tmp_path: Path) -> None:
+    import subprocess
+
+    server = Server(tmp_path)
+    make_mar(server.store, "echo", "echo_handler.py")
+    started = subprocess.run(server.command("--start"), env=server.env, cwd=server.root, capture_output=True)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert server.register("echo.mar").status_code == 200
+        request_id = server.predict("echo", b"hi").headers["x-request-id"]
+    finally:
+        subprocess.run(server.command("--stop"), env=server.env, cwd=server.root, capture_output=True)
+    logs = tmp_path / "logs"
+    assert request_id in (logs / "access_log.log").read_text()
+    assert "marserve listening" in (logs / "ts_log.log").read_text()
+    assert re.search(r"marserve\.model\.echo: \[\d+\]", (logs / "model_log.log").read_text())
+
+
+def _worker_id(server: Server, model: str) -> str:
+    return server.http.get(f"{server.management}/models/{model}").json()[0]["workers"][0]["id"]
+
+
+def test_system_metrics_are_current(srv: Server) -> None:
+    scrape(srv)  # the first scrape starts the CPU interval
+    text = scrape(srv)
+    for name in ("MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskUsage", "DiskAvailable", "DiskUtilization"):
+        assert value(text, name, Level="Host") > 0, name
+    assert 0 <= value(text, "CPUUtilization", Level="Host") <= 100
+    worker_rss = value(text, "marserve_worker_memory_bytes", model_name="echo")
+    described = srv.http.get(f"{srv.management}/models/echo").json()[0]["workers"][0]["memoryUsage"]
+    # Two readings of a live process a moment apart: the same order of magnitude.
+    assert worker_rss > 5e6 and 0.5 < worker_rss / described < 2
+
+
+def test_system_metrics_can_be_turned_off(tmp_path: Path) -> None:
+    server = Server(tmp_path, config="disable_system_metrics=true\n").start()
+    try:
+        text = scrape(server)
+        assert "MemoryUsed" not in text and "CPUUtilization" not in text
+        assert "Requests2XX" in text
+    finally:
+        server.stop()
