@@ -240,3 +240,21 @@ class _HandlerMetrics(Collector):
                 else:
                     metric.add_sample(name, sample_labels, value)
             yield metric
+
+
+class NoMetrics(Metrics):
+    """What the request path records into when the metrics API is off: nothing."""
+
+    def response(self, status: int) -> None:
+        pass
+
+    def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
+        pass
+
+    def batch(
+        self, name: str, version: str, size: int, round_trip: float, handler_ms: float | None, reported: list[dict[str, Any]]
+    ) -> None:
+        pass
+
+    def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
+        pass

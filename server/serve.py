@@ -16,7 +16,7 @@ import uvicorn
 from .apps import create_inference_app, create_management_app, create_metrics_app
 from .config import ServerConfig
 from .gpu import detect_gpu_count
-from .metrics import Metrics
+from .metrics import Metrics, NoMetrics
 from .model import Observer
 from .system_metrics import SystemMetrics
 from .registry import ModelRegistry, RegisterRequest
@@ -72,7 +72,7 @@ async def serve(
     if config.number_of_gpu is not None:
         gpus = min(gpus, config.number_of_gpu)
     workdir = Path(tempfile.mkdtemp(prefix="marserve-"))
-    metrics = Metrics()
+    metrics = Metrics() if config.enable_metrics_api else NoMetrics()
     observer = Observer(
         batch_done=lambda model, size, seconds, report: metrics.batch(
             model.name, model.version, size, seconds, report.get("handler_ms"), report.get("metrics", ())

@@ -153,3 +153,17 @@ def test_system_metrics_can_be_turned_off(tmp_path: Path) -> None:
         assert "Requests2XX" in text
     finally:
         server.stop()
+
+
+def test_metrics_api_off_means_no_port_and_no_recording(tmp_path: Path) -> None:
+    import httpx
+
+    server = Server(tmp_path, config="enable_metrics_api=false\n").start()
+    try:
+        make_mar(server.store, "echo", "echo_handler.py")
+        assert server.register("echo.mar").status_code == 200
+        assert server.predict("echo", b"x").status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.metrics}/metrics")
+    finally:
+        server.stop()
