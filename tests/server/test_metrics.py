@@ -167,3 +167,16 @@ def test_metrics_api_off_means_no_port_and_no_recording(tmp_path: Path) -> None:
             httpx.get(f"{server.metrics}/metrics")
     finally:
         server.stop()
+
+
+def test_json_log_format(tmp_path: Path) -> None:
+    import json
+
+    server = Server(tmp_path, config="log_format=json\n").start()
+    try:
+        request_id = server.http.get(f"{server.management}/models").headers["x-request-id"]
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "marserve.access" and request_id in e["message"] for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
