@@ -64,6 +64,18 @@ class Metrics:
         )
         self._workers = _WorkerStates()
         self.registry.register(self._workers)
+        # Labelled histogram children per model version: .labels() costs more than observe().
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+
+    def _model(self, name: str, version: str) -> tuple[Any, Any, Any, Any]:
+        children = self._children.get((name, version))
+        if children is None:
+            children = tuple(
+                h.labels(name, version)
+                for h in (self.request_seconds, self.queue_seconds, self.handler_seconds, self.batch_size)
+            )
+            self._children[(name, version)] = children
+        return children
 
     # -- recording (request path) ------------------------------------------------------------------
 
@@ -78,18 +90,20 @@ class Metrics:
         ts.requests[key] += 1
         ts.latency_us[key] += seconds * 1e6
         ts.queue_us[key] += queue_seconds * 1e6
-        self.request_seconds.labels(name, version).observe(seconds)
+        request, queue, _, _ = self._model(name, version)
+        request.observe(seconds)
         if queue_seconds:
-            self.queue_seconds.labels(name, version).observe(queue_seconds)
+            queue.observe(queue_seconds)
             ts.gauges["QueueTime"][()] = queue_seconds * 1000
 
     def batch(
         self, name: str, version: str, size: int, round_trip: float, handler_ms: float | None, reported: list[dict[str, Any]]
     ) -> None:
         """One batch answered by a worker; ``reported`` are the metrics its handler recorded."""
-        self.batch_size.labels(name, version).observe(size)
+        _, _, handler, batch_size = self._model(name, version)
+        batch_size.observe(size)
         if handler_ms is not None:
-            self.handler_seconds.labels(name, version).observe(handler_ms / 1000)
+            handler.observe(handler_ms / 1000)
             self._ts.gauges["WorkerThreadTime"][()] = max(0.0, round_trip * 1000 - handler_ms)
         for metric in reported:
             self._custom.record(metric)
@@ -204,13 +218,20 @@ class _HandlerMetrics(Collector):
         self.hostname = hostname
         # name -> (type, unit, label names, {label values: value or [sum, count]})
         self.series: dict[str, tuple[str, str, tuple[str, ...], dict[tuple[str, ...], Any]]] = {}
+        # Sanitised names, by the raw name and dimension names a handler sent (the same every batch).
+        self._names: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
 
     def record(self, metric: dict[str, Any]) -> None:
         try:
-            name = _PROMETHEUS_NAME.sub("_", str(metric["name"]))
+            dimensions = metric.get("dimensions", ())
+            raw = (str(metric["name"]), tuple(str(k) for k, _ in dimensions))
+            names = self._names.get(raw)
+            if names is None:
+                names = (_PROMETHEUS_NAME.sub("_", raw[0]), tuple(_PROMETHEUS_NAME.sub("_", k) for k in raw[1]) + ("Hostname",))
+                self._names[raw] = names
+            name, labels = names
             kind = metric.get("type", "counter")
-            labels = tuple(_PROMETHEUS_NAME.sub("_", str(k)) for k, _ in metric.get("dimensions", ())) + ("Hostname",)
-            values = tuple(str(v) for _, v in metric.get("dimensions", ())) + (self.hostname,)
+            values = tuple(str(v) for _, v in dimensions) + (self.hostname,)
             value = float(metric["value"])
         except (KeyError, TypeError, ValueError):
             return  # a malformed report from a handler must not break the request path
