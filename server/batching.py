@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ServiceUnavailable
 
 
 @dataclass(slots=True)
@@ -152,10 +151,3 @@ async def collect_batch(queue: JobQueue, max_size: int, max_delay: float) -> lis
         queue.put_back(batch)
         raise
     return batch
-
-
-def enqueue(queue: JobQueue, job: Job, no_worker_message: str) -> None:
-    try:
-        queue.put(job)
-    except QueueFull:
-        raise ServiceUnavailable(no_worker_message) from None

@@ -72,8 +72,8 @@ class ModelNotFound(NotFound):
 class ModelVersionNotFound(NotFound):
     type_name = "ModelVersionNotFoundException"
 
-    def __init__(self, name: str, version: str) -> None:
-        super().__init__(f"Model version: {version} does not exist for model: {name}")
+    def __init__(self, name: str, version: str, message: str | None = None) -> None:
+        super().__init__(message or f"Model version: {version} does not exist for model: {name}")
 
 
 class MethodNotAllowed(ServerError):

@@ -17,9 +17,6 @@ from .openapi import for_model, management_openapi
 from .registry import ModelRegistry, RegisterRequest
 from .system_metrics import rss_bytes
 
-_PAGE_SIZE = 1 << 12
-
-
 async def _params(request: Request) -> dict[str, str]:
     """Query-string parameters, or a JSON body's when the client sends one (TorchServe accepts both)."""
     params: dict[str, Any] = dict(request.query_params)

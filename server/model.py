@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from archiver import ModelArchive
 
-from .batching import Job, JobQueue, collect_batch, enqueue
-from .errors import InternalServerError, ServerError, worker_died
+from .batching import Job, JobQueue, QueueFull, collect_batch
+from .errors import InternalServerError, ServerError, ServiceUnavailable, worker_died
 from .workers import BatchFailed, LoadSpec, WorkerDied, WorkerLoadError, WorkerProcess
 
 log = logging.getLogger("marserve.model")
@@ -92,9 +92,14 @@ class ModelVersion:
     # -- requests ------------------------------------------------------------------------------
 
     def submit(self, job: Job, versioned: bool = False) -> None:
-        if not any(not slot.stopping for slot in self.slots):
-            raise_no_worker(self.name, self.version if versioned else None)
-        enqueue(self.queue, job, no_worker_message(self.name, self.version if versioned else None))
+        """Queue ``job``; 503 at once when no worker serves this version or its queue is full."""
+        try:
+            if not any(not slot.stopping for slot in self.slots):
+                raise QueueFull
+            self.queue.put(job)
+        except QueueFull:
+            # The message is built only on refusal: it is not free, and this is the request path.
+            raise ServiceUnavailable(no_worker_message(self.name, self.version if versioned else None)) from None
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -277,9 +282,3 @@ def no_worker_message(name: str, version: str | None) -> str:
         "If this is a sequence inference, please check if it is closed, or expired; "
         "or exceeds maxSequenceJobQueueSize"
     )
-
-
-def raise_no_worker(name: str, version: str | None) -> None:
-    from .errors import ServiceUnavailable
-
-    raise ServiceUnavailable(no_worker_message(name, version))

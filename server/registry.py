@@ -347,9 +347,8 @@ class ModelRegistry:
         if name not in self._models:
             raise ModelNotFound(name)
         if version not in self._models[name]:
-            error = ModelVersionNotFound(name, version)
-            error.message = f"Model version {version} does not exist for model {name}"
-            raise error
+            # TorchServe words this one case differently (no colons).
+            raise ModelVersionNotFound(name, version, f"Model version {version} does not exist for model {name}")
         self._defaults[name] = version
         return f'Default version successfully updated for model "{name}" to "{version}"'
 
