@@ -46,12 +46,13 @@ def calls(server: Server) -> list[tuple[int, str]]:
 
 
 def alive(pid: int) -> bool:
+    # A killed child may linger as a zombie until the server reaps it, and it
+    # may be reaped between any two looks, so one read of /proc decides.
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    # A killed child may linger as a zombie until the server reaps it.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # Shared: httpx's top-level functions build a TLS context per call (~50 ms).
