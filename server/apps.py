@@ -9,24 +9,27 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from . import inference_api, management_api
+from .access_log import AccessLog
 from .http import EXCEPTION_HANDLERS, ObserveResponses, json_response
 from .metrics import Metrics
 from .openapi import metrics_openapi
 from .registry import ModelRegistry
 
 
-def create_inference_app(registry: ModelRegistry, metrics: Metrics) -> inference_api.InferenceApp:
-    return inference_api.InferenceApp(registry, metrics)
+def create_inference_app(
+    registry: ModelRegistry, metrics: Metrics, access_log: AccessLog
+) -> inference_api.InferenceApp:
+    return inference_api.InferenceApp(registry, metrics, access_log)
 
 
-def create_management_app(registry: ModelRegistry, metrics: Metrics) -> ASGIApp:
+def create_management_app(registry: ModelRegistry, metrics: Metrics, access_log: AccessLog) -> ASGIApp:
     app = Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
     # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
     app.router.redirect_slashes = False
-    return ObserveResponses(app, metrics)
+    return ObserveResponses(app, metrics, access_log)
 
 
-def create_metrics_app(metrics: Metrics) -> ASGIApp:
+def create_metrics_app(metrics: Metrics, access_log: AccessLog) -> ASGIApp:
     async def scrape(request: Request) -> Response:
         names = request.query_params.getlist("name[]")
         body, content_type = metrics.render(names)
@@ -39,4 +42,4 @@ def create_metrics_app(metrics: Metrics) -> ASGIApp:
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/metrics", scrape, methods=["GET"]),
     ]
-    return ObserveResponses(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), metrics)
+    return ObserveResponses(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), metrics, access_log)

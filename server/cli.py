@@ -169,7 +169,7 @@ def run_foreground(config: ServerConfig) -> int:
     from .logs import configure_logging
     from .serve import serve
 
-    configure_logging(config, foreground=READY_FD_ENV not in os.environ)
+    access_log = configure_logging(config, foreground=READY_FD_ENV not in os.environ)
     ready_fd = os.environ.pop(READY_FD_ENV, None)
 
     def on_ready(urls: list[str]) -> None:
@@ -179,7 +179,7 @@ def run_foreground(config: ServerConfig) -> int:
             os.close(int(ready_fd))
 
     try:
-        _run(serve(config, environ=dict(os.environ), on_ready=on_ready))
+        _run(serve(config, environ=dict(os.environ), on_ready=on_ready, access_log=access_log))
     finally:
         if _running_pid() == os.getpid():
             pid_file().unlink(missing_ok=True)

@@ -13,32 +13,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access_log import AccessLog
 from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
 
 log = logging.getLogger("marserve.http")
-access_log = logging.getLogger("marserve.access")
 
 
 class StatusCounter(Protocol):
     def response(self, status: int) -> None: ...
 
 
-def log_access(scope: Scope, status: int, started: float, request_id: str) -> None:
-    """One access-log line: client, request line, status, latency and request id."""
-    if access_log.isEnabledFor(logging.INFO):
-        client = scope.get("client") or ("-", 0)
-        access_log.info(
-            '%s "%s %s" %d %.2fms %s',
-            client[0], scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000, request_id,
-        )  # fmt: skip
-
-
 class ObserveResponses:
     """Counts each response's status class and writes its access-log line (every port does both)."""
 
-    def __init__(self, app: ASGIApp, metrics: StatusCounter) -> None:
+    def __init__(self, app: ASGIApp, metrics: StatusCounter, access_log: AccessLog) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,7 +41,7 @@ class ObserveResponses:
             if message["type"] == "http.response.start":
                 self.metrics.response(message["status"])
                 request_id = dict(message.get("headers", ())).get(b"x-request-id", b"-").decode()
-                log_access(scope, message["status"], started, request_id)
+                self.access_log.record(scope, message["status"], started, request_id)
             await send(message)
 
         await self.app(scope, receive, observing_send)

@@ -14,10 +14,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .access_log import AccessLog
 from .batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError
 from .forms import request_params
-from .http import EXCEPTION_HANDLERS, NO_CACHE, ObserveResponses, error_body, json_response, log_access
+from .http import EXCEPTION_HANDLERS, NO_CACHE, ObserveResponses, error_body, json_response
 from .metrics import Metrics
 from .openapi import for_model, inference_openapi
 from .registry import ModelRegistry
@@ -32,12 +33,13 @@ class InferenceApp:
     descriptions, unknown paths) goes through an ordinary Starlette app.
     """
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, access_log: AccessLog) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.access_log = access_log
         self.limit = registry.config.max_request_size
         fallback = Starlette(routes=_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
-        self.fallback = ObserveResponses(fallback, metrics)
+        self.fallback = ObserveResponses(fallback, metrics, access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
@@ -80,7 +82,7 @@ class InferenceApp:
             # TorchServe counts every request that reached its queue, even one refused there.
             queued = job.dispatched - received if job.dispatched else 0.0
             self.metrics.inference(name, version, model.version, time.perf_counter() - received, queued)
-        log_access(scope, status, received, request_id)
+        self.access_log.record(scope, status, received, request_id)
 
 
 def prediction_target(path: str) -> tuple[str, str, str | None, str] | None:

@@ -96,16 +96,23 @@ class Metrics:
             queue.observe(queue_seconds)
             ts.gauges["QueueTime"][()] = queue_seconds * 1000
 
-    def batch(
-        self, name: str, version: str, size: int, round_trip: float, handler_ms: float | None, reported: list[dict[str, Any]]
-    ) -> None:
-        """One batch answered by a worker; ``reported`` are the metrics its handler recorded."""
+    def batch(self, name: str, version: str, size: int, round_trip: float, report: dict[str, Any]) -> None:
+        """One batch answered by a worker; ``report`` is the meta of the worker's reply."""
         _, _, handler, batch_size = self._model(name, version)
         batch_size.observe(size)
+        handler_ms = report.get("handler_ms")
         if handler_ms is not None:
             handler.observe(handler_ms / 1000)
             self._ts.gauges["WorkerThreadTime"][()] = max(0.0, round_trip * 1000 - handler_ms)
-        for metric in reported:
+        prediction_ms = report.get("prediction_ms")
+        if prediction_ms is not None:
+            self._custom.record(
+                {
+                    "name": "PredictionTime", "unit": "Milliseconds", "type": "gauge", "value": round(prediction_ms, 2),
+                    "dimensions": (("ModelName", name), ("Level", "Model")),
+                }
+            )  # fmt: skip
+        for metric in report.get("metrics", ()):
             self._custom.record(metric)
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
@@ -272,9 +279,7 @@ class NoMetrics(Metrics):
     def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
         pass
 
-    def batch(
-        self, name: str, version: str, size: int, round_trip: float, handler_ms: float | None, reported: list[dict[str, Any]]
-    ) -> None:
+    def batch(self, name: str, version: str, size: int, round_trip: float, report: dict[str, Any]) -> None:
         pass
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from .access_log import AccessLog, NoAccessLog
 from .apps import create_inference_app, create_management_app, create_metrics_app
 from .config import ServerConfig
 from .gpu import detect_gpu_count
@@ -61,8 +62,10 @@ async def serve(
     environ: Mapping[str, str],
     on_ready: Callable[[list[str]], None] | None = None,
     stop: asyncio.Event | None = None,
+    access_log: AccessLog | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); then drain requests and stop the workers."""
+    access_log = access_log or NoAccessLog()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,9 +77,7 @@ async def serve(
     workdir = Path(tempfile.mkdtemp(prefix="marserve-"))
     metrics = Metrics() if config.enable_metrics_api else NoMetrics()
     observer = Observer(
-        batch_done=lambda model, size, seconds, report: metrics.batch(
-            model.name, model.version, size, seconds, report.get("handler_ms"), report.get("metrics", ())
-        ),
+        batch_done=lambda model, size, seconds, report: metrics.batch(model.name, model.version, size, seconds, report),
         worker_loaded=lambda model, slot: metrics.worker_loaded(
             model.name, model.version, slot.id, slot.load_time_ms / 1000
         ),
@@ -98,11 +99,11 @@ async def serve(
             )
         )
     listeners = [
-        _listener(create_inference_app(registry, metrics), config.inference_address, config),
-        _listener(create_management_app(registry, metrics), config.management_address, config),
+        _listener(create_inference_app(registry, metrics, access_log), config.inference_address, config),
+        _listener(create_management_app(registry, metrics, access_log), config.management_address, config),
     ]
     if config.enable_metrics_api:
-        listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config))
+        listeners.append(_listener(create_metrics_app(metrics, access_log), config.metrics_address, config))
     tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
     try:
         while not all(listener.started for listener in listeners):
@@ -121,6 +122,7 @@ async def serve(
         for listener in listeners:
             listener.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        access_log.close()
         await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("marserve has stopped")

@@ -95,16 +95,18 @@ class Service:
         try:
             outputs = self._call(data)
             self._check(outputs, len(requests))
-            # TorchServe: the entry-point call only, recorded only when it succeeded.
-            if metrics is not None:
-                metrics.add_time("PredictionTime", round((time.perf_counter() - started) * 1000, 2))
+            # TorchServe's PredictionTime: the entry-point call only, and only when it succeeded.
+            # A plain number: the frontend records it, so the worker builds no metric for it.
+            prediction_ms = (time.perf_counter() - started) * 1000
             parts, responses = self._encode(outputs)
         except BatchError as exc:
             # Failed batches carry their metrics too: counters recorded before the failure count.
-            return {"code": exc.code, "message": exc.message, "metrics": _drain(metrics)}, []
+            return _with_metrics({"code": exc.code, "message": exc.message}, metrics), []
         handler_ms = (time.perf_counter() - started) * 1000
-        reply = {"code": 200, "message": "", "responses": responses, "handler_ms": handler_ms, "metrics": _drain(metrics)}
-        return reply, parts
+        reply = {
+            "code": 200, "message": "", "responses": responses, "handler_ms": handler_ms, "prediction_ms": prediction_ms
+        }  # fmt: skip
+        return _with_metrics(reply, metrics), parts
 
     def _call(self, data: list[dict[str, Any]]) -> Any:
         try:
@@ -154,7 +156,13 @@ class Service:
         return parts, responses
 
 
-def _drain(metrics: Any) -> list[dict[str, Any]]:
-    """The records the handler made since the last reply ([] if its metrics object is not ours)."""
+def _with_metrics(reply: dict[str, Any], metrics: Any) -> dict[str, Any]:
+    """``reply`` plus the records the handler made since the last reply, under ``metrics`` if any.
+
+    Most batches record none: leaving the key out keeps them out of the reply's JSON too.
+    """
     drain = getattr(metrics, "drain", None)
-    return drain() if callable(drain) else []
+    records = drain() if callable(drain) else None
+    if records:
+        reply["metrics"] = records
+    return reply
