@@ -37,10 +37,7 @@ ROTATABLE = (MANAGEMENT, INFERENCE)
 # 32 random bytes: 256 bits, 43 URL-safe characters (TorchServe uses 6 bytes).
 KEY_BYTES = 32
 _BEARER = re.compile(rb"Bearer\s+(\S+)", re.IGNORECASE)
-
-
-def unauthorized() -> Unauthorized:
-    return Unauthorized("Token Authentication failed. Token either incorrect, expired, or not provided correctly")
+REFUSED = "Token Authentication failed. Token either incorrect, expired, or not provided correctly"
 
 
 @dataclass
@@ -137,7 +134,7 @@ class RequireToken:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
-    response = error_response(unauthorized())
+    response = error_response(Unauthorized(REFUSED))
     response.headers["WWW-Authenticate"] = "Bearer"
     await response(scope, receive, send)
 
