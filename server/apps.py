@@ -6,27 +6,50 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from . import inference_api, management_api
 from .access_log import AccessLog
+from .auth import API, INFERENCE, MANAGEMENT, RequireToken, TokenAuth
 from .http import EXCEPTION_HANDLERS, ObserveResponses, json_response
 from .metrics import Metrics
 from .openapi import metrics_openapi
 from .registry import ModelRegistry
 
 
+# Open without a token: the API descriptions (as in TorchServe) and, on the inference port, /ping,
+# so that health checks and load balancers need no secret.
+_OPEN_INFERENCE_PATHS = frozenset({"/", "/api-description", "/api-description/", "/ping", "/ping/"})
+_OPEN_MANAGEMENT_PATHS = frozenset({"/", "/api-description"})
+
+
+def _inference_key(scope: Scope) -> str | None:
+    return None if scope["path"] in _OPEN_INFERENCE_PATHS else INFERENCE
+
+
+def _management_key(scope: Scope) -> str | None:
+    path = scope["path"]
+    if path == "/token":
+        return API
+    return None if path in _OPEN_MANAGEMENT_PATHS else MANAGEMENT
+
+
 def create_inference_app(
-    registry: ModelRegistry, metrics: Metrics, access_log: AccessLog
-) -> inference_api.InferenceApp:
-    return inference_api.InferenceApp(registry, metrics, access_log)
+    registry: ModelRegistry, metrics: Metrics, access_log: AccessLog, auth: TokenAuth | None
+) -> ASGIApp:
+    app = inference_api.InferenceApp(registry, metrics, access_log)
+    # Wrapped only when tokens are on, so that with them off predictions pay nothing for them.
+    return app if auth is None else RequireToken(app, auth, _inference_key, metrics, access_log)
 
 
-def create_management_app(registry: ModelRegistry, metrics: Metrics, access_log: AccessLog) -> ASGIApp:
-    app = Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
+def create_management_app(
+    registry: ModelRegistry, metrics: Metrics, access_log: AccessLog, auth: TokenAuth | None
+) -> ASGIApp:
+    app = Starlette(routes=management_api.create_routes(registry, auth), exception_handlers=EXCEPTION_HANDLERS)
     # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
     app.router.redirect_slashes = False
-    return ObserveResponses(app, metrics, access_log)
+    observed = ObserveResponses(app, metrics, access_log)
+    return observed if auth is None else RequireToken(observed, auth, _management_key, metrics, access_log)
 
 
 def create_metrics_app(metrics: Metrics, access_log: AccessLog) -> ASGIApp:

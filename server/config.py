@@ -11,6 +11,8 @@ Deviations from TorchServe 0.12 (DEV), each deliberate:
   TorchServe allows any ``http(s)://`` and ``file://`` URL (CVE-2023-43654).
 - ``enable_model_api`` defaults to true (TorchServe: false) so that archives already in the
   model store can be registered out of the box; the URL allow-list is what guards registration.
+- ``disable_token_authorization`` has a third state, unset (the default): tokens are then on only
+  when an API listens on a non-loopback address (TorchServe: always on unless disabled).
 - ``metrics_mode`` defaults to ``prometheus`` (TorchServe: ``log``, which leaves ``/metrics`` empty).
 - ``log_location`` is a config key (TorchServe: env ``LOG_LOCATION`` only, still honoured when
   the key is not set); ``log_level`` and ``log_format`` are new keys (TorchServe: log4j2 config).
@@ -225,6 +227,12 @@ def _to_bool(key: str, value: Any) -> bool:
     raise _invalid(key, value, "expected true or false")
 
 
+def _to_opt_bool(key: str, value: Any) -> bool | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _to_bool(key, value)
+
+
 def _int_parser(minimum: int, optional: bool = False) -> Callable[[str, Any], int | None]:
     def parse(key: str, value: Any) -> int | None:
         if optional and (value is None or (isinstance(value, str) and not value.strip())):
@@ -403,7 +411,8 @@ class ServerConfig(BaseModel):
     use_env_allowed_urls: Bool = False
     blacklist_env_vars: Annotated[str, _using(_to_regex)] = ""
     enable_model_api: Bool = True  # DEV: TorchServe false
-    disable_token_authorization: Bool = False
+    # None (unset): tokens are on exactly when an API listens beyond loopback; see server/auth.py.
+    disable_token_authorization: Annotated[bool | None, _using(_to_opt_bool)] = None  # DEV: TorchServe false
     token_expiration_min: PosInt = 60
     enable_envvars_config: Bool = False
     cors_allowed_origin: Annotated[str | None, _using(_to_opt_str)] = None

@@ -1,8 +1,9 @@
-"""The management API (port 8081): register, list, describe, scale, unregister, set-default."""
+"""The management API (port 8081): register, list, describe, scale, unregister, set-default, token."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -10,8 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .auth import ROTATABLE, TokenAuth
 from .errors import BadRequest, MethodNotAllowed
-from .http import json_response, read_body, status_response
+from .http import NO_CACHE, json_response, read_body, status_response
 from .model import ModelVersion
 from .openapi import for_model, management_openapi
 from .registry import ModelRegistry, RegisterRequest
@@ -107,7 +109,7 @@ def describe(model: ModelVersion) -> dict[str, Any]:
     return description
 
 
-def create_routes(registry: ModelRegistry) -> list[Route]:
+def create_routes(registry: ModelRegistry, auth: TokenAuth | None) -> list[Route]:
     config = registry.config
 
     def require_model_api() -> None:
@@ -181,7 +183,19 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
     async def api_description(request: Request) -> Response:
         return json_response(management_openapi())
 
-    return [
+    async def rotate_token(request: Request) -> Response:
+        # Reached only with the API key (see apps.py).
+        assert auth is not None
+        kinds = request.query_params.getlist("type")
+        if not kinds:
+            raise BadRequest("Parameter type is required: management or inference")
+        if kinds[0] not in ROTATABLE:
+            raise BadRequest(f"Invalid token type: {kinds[0]!r} (expected management or inference)")
+        auth.rotate(kinds[0])
+        # TorchServe's body: nothing; the new key is in the key file.
+        return Response("\n", media_type="application/json", headers={**NO_CACHE, "x-request-id": str(uuid.uuid4())})
+
+    routes = [
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/api-description", api_description, methods=["GET", "OPTIONS"]),
         Route("/models", models, methods=["GET", "POST", "PUT", "DELETE"]),
@@ -189,6 +203,10 @@ def create_routes(registry: ModelRegistry) -> list[Route]:
         Route("/models/{model_name}/{version}", model, methods=["GET", "PUT", "DELETE", "POST", "OPTIONS"]),
         Route("/models/{model_name}/{version}/set-default", set_default, methods=["PUT"]),
     ]
+    if auth is not None:
+        # Without tokens there is nothing to rotate: 404, as in TorchServe.
+        routes.append(Route("/token", rotate_token, methods=["GET"]))
+    return routes
 
 
 def _int_or_zero(value: str | None) -> int:

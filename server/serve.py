@@ -15,6 +15,7 @@ import uvicorn
 
 from .access_log import AccessLog, NoAccessLog
 from .apps import create_inference_app, create_management_app, create_metrics_app
+from .auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
 from .config import ServerConfig
 from .gpu import detect_gpu_count
 from .metrics import Metrics, NoMetrics
@@ -98,14 +99,22 @@ async def serve(
                 ],
             )
         )
+    auth = _token_auth(config, Path.cwd() / KEY_FILE_NAME)
     listeners = [
-        _listener(create_inference_app(registry, metrics, access_log), config.inference_address, config),
-        _listener(create_management_app(registry, metrics, access_log), config.management_address, config),
+        _listener(create_inference_app(registry, metrics, access_log, auth), config.inference_address, config),
+        _listener(create_management_app(registry, metrics, access_log, auth), config.management_address, config),
     ]
     if config.enable_metrics_api:
         listeners.append(_listener(create_metrics_app(metrics, access_log), config.metrics_address, config))
     tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
     try:
+        if auth is not None:
+            # Before the first await, which lets the listeners start: no port answers before the file exists.
+            try:
+                auth.publish()
+            except OSError as exc:
+                log.error("cannot write the token key file %s: %s", auth.key_file, exc)
+                raise SystemExit(1) from None
         while not all(listener.started for listener in listeners):
             if any(task.done() for task in tasks):
                 # A listener that ends before starting could not bind: uvicorn logged why.
@@ -123,9 +132,30 @@ async def serve(
             listener.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         access_log.close()
+        if auth is not None:
+            auth.withdraw()
         await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("marserve has stopped")
+
+
+def _token_auth(config: ServerConfig, key_file: Path) -> TokenAuth | None:
+    """Token authorization as the config decides, with a warning for every API open beyond loopback."""
+    auth = TokenAuth(key_file, config.token_expiration_min) if tokens_required(config) else None
+    exposed = ", ".join(f"{api} {address}" for api, address in exposed_addresses(config).items())
+    if exposed and auth is None:
+        log.error(
+            "SECURITY: listening beyond loopback (%s) with token authorization disabled: anyone who can "
+            "reach these ports can use them without a key", exposed,
+        )  # fmt: skip
+    elif exposed:
+        log.warning(
+            "listening beyond loopback (%s): token authorization is on for the inference and management "
+            "APIs; keys in %s", exposed, key_file,
+        )  # fmt: skip
+    elif auth is not None:
+        log.info("token authorization is on (inference and management); keys in %s", key_file)
+    return auth
 
 
 def _addresses(config: ServerConfig) -> list[object]:

@@ -197,7 +197,6 @@ TORCHSERVE_DEFAULTS = {
     "enable_metrics_api": True,
     "disable_system_metrics": False,
     "metric_time_interval": 60,
-    "disable_token_authorization": False,
     "token_expiration_min": 60,
     "enable_envvars_config": False,
 }
@@ -209,6 +208,7 @@ DEV_DEFAULTS = {
     "log_level": "INFO",
     "log_format": "text",
     "models": {},
+    "disable_token_authorization": None,  # unset: decided by the addresses
 }
 
 
@@ -275,7 +275,7 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
     assert config.model_store == Path("/cli")
     assert config.load_models == ["b.mar", "c.mar"]
     assert config.enable_model_api is True
-    assert config.disable_token_authorization is False
+    assert config.disable_token_authorization is None
     assert config.job_queue_size == 5
 
 
