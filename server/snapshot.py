@@ -25,7 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator,
+)  # fmt: skip
 
 from .config import ServerConfig
 from .errors import ServerError
@@ -284,8 +286,10 @@ class SnapshotWriter:
         self._lock = asyncio.Lock()
         self._asked = 0  # save() calls so far
         self._saved = 0  # the last call whose state is on disk
+        self._writes: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def start(self, registry: ModelRegistry) -> None:
+        """Save from now on, beginning with the state as it is."""
         self._started = True
         await self.save(registry)
 
@@ -294,7 +298,14 @@ class SnapshotWriter:
         if not self._started:
             return
         self._asked += 1
-        asked = self._asked
+        # A caller cancelled mid-write must not let the next write start beside this one: two
+        # renames racing could leave the older state in place.
+        task = asyncio.create_task(self._write(registry, self._asked))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        await asyncio.shield(task)
+
+    async def _write(self, registry: ModelRegistry, asked: int) -> None:
         async with self._lock:
             # A write that began after this call already holds this call's change.
             if self._saved >= asked:
@@ -352,7 +363,7 @@ async def restore(registry: ModelRegistry, state: SavedState) -> None:
 
 
 def log_plan(plan: SnapshotPlan) -> None:
-    """Say at start where the state comes from and goes to, when no restore says it."""
+    """Say at start where the models come from and are saved to (restore() logs what it restored)."""
     if plan.save_to is None:
         log.info("snapshots are off (--ncs): models registered now are not restored at the next start")
     elif plan.restore is None:

@@ -134,7 +134,8 @@ def test_versions_default_workers_and_batching_survive_a_restart(first: Server, 
     assert second.predict("ver").content == b"2.0"
     assert second.http.post(f"{second.inference}/predictions/ver/1.0", content=b"x").content == b"1.0"
     log = log_since_start(second)
-    assert f"restored ver 1.0, ver 2.0, echo 1.0 from {snapshot_file(second)} (3 of 3 saved); start with --ncs to skip" in log
+    restored = f"restored ver 1.0, ver 2.0, echo 1.0 from {snapshot_file(second)} (3 of 3 saved)"
+    assert f"{restored}; start with --ncs to skip" in log
 
     # One private file, replaced whole: no temporary file is left beside it.
     path = snapshot_file(second)
