@@ -13,11 +13,14 @@ import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .config import ConfigError, ServerConfig, load_config
+
+if TYPE_CHECKING:
+    from .snapshot import SnapshotPlan
 
 READY_FD_ENV = "MARSERVE_READY_FD"
 START_TIMEOUT = 120.0
@@ -71,7 +74,10 @@ class _OneLineCommand(click.Command):
 @click.option("--models", multiple=True, help="Models to load at start: NAME=FILE.mar, FILE.mar or 'all'.")
 @click.option("--ts-config", type=click.Path(path_type=Path), help="config.properties to use.")
 @click.option("--foreground", is_flag=True, help="Stay attached to the terminal; logs go there.")
-@click.option("--ncs", "--no-config-snapshots", "ncs", is_flag=True, help="Do not save or restore config snapshots.")
+@click.option(
+    "--ncs", "--no-config-snapshots", "ncs", is_flag=True,
+    help="Neither restore the saved models at start nor save them on changes.",
+)  # fmt: skip
 @click.option("--disable-token-auth", "--dt", "disable_token_auth", is_flag=True, help="Turn token authorization off.")
 @click.option("--enable-model-api", is_flag=True, help="Allow registering and unregistering models.")
 @click.argument("more_models", nargs=-1)
@@ -87,8 +93,10 @@ def cli(action: str, **options: Any) -> int:
     config = _config(options)
     if _running_pid() is not None:
         raise click.ClickException("marserve is already running, please use serve --stop to stop it.")
+    # Read here, so that a snapshot that cannot be restored stops even a background start at once.
+    snapshots = _snapshots(config, options["ncs"])
     if options["foreground"] or READY_FD_ENV in os.environ:
-        return run_foreground(config)
+        return run_foreground(config, snapshots)
     return start_background(config, sys.argv[1:])
 
 
@@ -118,6 +126,15 @@ def _config(options: dict[str, Any]) -> ServerConfig:
     if not Path(config.model_store).is_dir():
         raise click.ClickException(f"--model-store directory not found: {config.model_store}")
     return config
+
+
+def _snapshots(config: ServerConfig, ncs: bool) -> SnapshotPlan:
+    from .snapshot import SnapshotError, plan_snapshots
+
+    try:
+        return plan_snapshots(config, enabled=not ncs)
+    except SnapshotError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def start_background(config: ServerConfig, argv: list[str]) -> int:
@@ -165,7 +182,7 @@ def _read_ready(fd: int, timeout: float) -> list[str] | None:
     return data.decode().split()
 
 
-def run_foreground(config: ServerConfig) -> int:
+def run_foreground(config: ServerConfig, snapshots: SnapshotPlan | None = None) -> int:
     from .logs import configure_logging
     from .serve import serve
 
@@ -179,7 +196,7 @@ def run_foreground(config: ServerConfig) -> int:
             os.close(int(ready_fd))
 
     try:
-        _run(serve(config, environ=dict(os.environ), on_ready=on_ready, access_log=access_log))
+        _run(serve(config, environ=dict(os.environ), on_ready=on_ready, access_log=access_log, snapshots=snapshots))
     finally:
         if _running_pid() == os.getpid():
             pid_file().unlink(missing_ok=True)

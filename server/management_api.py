@@ -178,7 +178,7 @@ def create_routes(registry: ModelRegistry, auth: TokenAuth | None) -> list[Route
         raise MethodNotAllowed()
 
     async def set_default(request: Request) -> Response:
-        return status_response(registry.set_default(request.path_params["model_name"], request.path_params["version"]))
+        return status_response(await registry.set_default(request.path_params["model_name"], request.path_params["version"]))
 
     async def api_description(request: Request) -> Response:
         return json_response(management_openapi())

@@ -7,8 +7,8 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,10 @@ class ModelRegistry:
         gpu_count: int = 0,
         workdir: Path | None = None,
         observer: Observer | None = None,
+        on_change: Callable[[ModelRegistry], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_change`` is awaited after every change of which versions exist, their workers or
+        default: the snapshot writer."""
         self.config = config
         self.environ = dict(environ)
         self.gpu_count = gpu_count
@@ -77,6 +80,9 @@ class ModelRegistry:
         self.observer = observer or Observer()
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
+        # What each version was registered with, initial_workers updated by scale calls.
+        self._requests: dict[ModelVersion, RegisterRequest] = {}
+        self.on_change = on_change
         self._worker_ids = itertools.count(9000)
         self._gpu_counter = itertools.count()
         self._device_counters: dict[str, itertools.count[int]] = {}
@@ -109,6 +115,14 @@ class ModelRegistry:
 
     def default_version(self, name: str) -> str:
         return self._defaults[name]
+
+    def registered_with(self, model: ModelVersion) -> RegisterRequest:
+        """The register parameters given for ``model``; ``initial_workers`` is the last scale's minimum."""
+        return self._requests[model]
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change(self)
 
     # -- register ------------------------------------------------------------------------------
 
@@ -167,13 +181,16 @@ class ModelRegistry:
                 raise Conflict(f"Model version {model.version} is already registered for model {model.name}")
             self._models.setdefault(model.name, {})[model.version] = model
             self._defaults.setdefault(model.name, model.version)
+            self._requests[model] = request
         name, version, workers = model.name, model.version, model.settings.min_workers
+        # Workers are added before the first await, so an unregister meanwhile stops them too.
+        slots = self._add_workers(model, workers) if workers > 0 else []
+        await self._changed()
         if workers <= 0:
             return 200, (
                 f'Model "{name}" Version: {version} registered with 0 initial workers. '
                 "Use scale workers API to add workers for the model."
             )
-        slots = self._add_workers(model, workers)
         if not request.synchronous:
             return 202, "Processing worker updates..."
         failure = await _first_failure(slots)
@@ -292,6 +309,7 @@ class ModelRegistry:
             raise BadRequest("min_worker cannot be negative.")
         model = self.get(name, version)
         model.settings.min_workers, model.settings.max_workers = min_worker, max_worker
+        self._requests[model] = replace(self._requests[model], initial_workers=min_worker)
         live = [slot for slot in model.slots if not slot.stopping]
         added: list[WorkerSlot] = []
         if len(live) < min_worker:
@@ -304,6 +322,7 @@ class ModelRegistry:
                 task = asyncio.create_task(removal)
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+        await self._changed()
         if not synchronous:
             return 202, "Processing worker updates..."
         failure = await _first_failure(added)
@@ -325,6 +344,8 @@ class ModelRegistry:
         if not versions:
             del self._models[name]
             del self._defaults[name]
+        self._requests.pop(model, None)
+        await self._changed()
         # New requests already get 404; the ones queued or in flight finish first.
         drained = await model.drain(self.config.unregister_model_timeout)
         await model.stop()
@@ -341,15 +362,18 @@ class ModelRegistry:
                 self._defaults.pop(model.name, None)
             elif self._defaults.get(model.name) == model.version:
                 self._defaults[model.name] = next(iter(versions))
+            self._requests.pop(model, None)
+            await self._changed()
         await model.stop()
 
-    def set_default(self, name: str, version: str) -> str:
+    async def set_default(self, name: str, version: str) -> str:
         if name not in self._models:
             raise ModelNotFound(name)
         if version not in self._models[name]:
             # TorchServe words this one case differently (no colons).
             raise ModelVersionNotFound(name, version, f"Model version {version} does not exist for model {name}")
         self._defaults[name] = version
+        await self._changed()
         return f'Default version successfully updated for model "{name}" to "{version}"'
 
     async def shutdown(self, drain_timeout: float) -> None:
@@ -358,6 +382,7 @@ class ModelRegistry:
         await asyncio.gather(*(m.stop() for m in models))
         self._models.clear()
         self._defaults.clear()
+        self._requests.clear()
 
 
 def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> int:

@@ -22,6 +22,7 @@ from .metrics import Metrics, NoMetrics
 from .model import Observer
 from .system_metrics import SystemMetrics
 from .registry import ModelRegistry, RegisterRequest
+from .snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
 
 log = logging.getLogger("marserve")
 
@@ -64,10 +65,16 @@ async def serve(
     on_ready: Callable[[list[str]], None] | None = None,
     stop: asyncio.Event | None = None,
     access_log: AccessLog | None = None,
+    snapshots: SnapshotPlan | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set); then drain requests and stop the workers."""
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); then drain requests and stop the workers.
+
+    ``snapshots`` says what to restore at start and where to save the models' state (None: neither).
+    """
     access_log = access_log or NoAccessLog()
     stop = stop or asyncio.Event()
+    snapshots = snapshots or SnapshotPlan(restore=None, save_to=None)
+    writer = SnapshotWriter(snapshots.save_to) if snapshots.save_to is not None else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -83,7 +90,10 @@ async def serve(
             model.name, model.version, slot.id, slot.load_time_ms / 1000
         ),
     )
-    registry = ModelRegistry(config, environ=environ, gpu_count=gpus, workdir=workdir, observer=observer)
+    registry = ModelRegistry(
+        config, environ=environ, gpu_count=gpus, workdir=workdir, observer=observer,
+        on_change=writer.save if writer is not None else None,
+    )  # fmt: skip
     metrics.watch_workers(
         lambda: [(m.name, m.version, slot.status) for m in registry.all_models() for slot in m.slots]
     )
@@ -124,7 +134,10 @@ async def serve(
         log.info("marserve listening: inference %s, management %s, metrics %s", *urls)
         if on_ready is not None:
             on_ready(urls)
-        await _load_startup_models(registry, config)
+        log_plan(snapshots)
+        await _load_startup_models(registry, config, snapshots.restore)
+        if writer is not None:
+            await writer.start(registry)
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
@@ -134,6 +147,9 @@ async def serve(
         access_log.close()
         if auth is not None:
             auth.withdraw()
+        if writer is not None:
+            # The last word on worker counts, before the workers go; a no-op if the restore never ended.
+            await writer.save(registry)
         await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("marserve has stopped")
@@ -162,8 +178,11 @@ def _addresses(config: ServerConfig) -> list[object]:
     return [config.inference_address, config.management_address, config.metrics_address]
 
 
-async def _load_startup_models(registry: ModelRegistry, config: ServerConfig) -> None:
-    """``--models`` / ``load_models``: registered like the API would; failures are logged, not fatal."""
+async def _load_startup_models(registry: ModelRegistry, config: ServerConfig, saved: SavedState | None) -> None:
+    """The saved state, then ``--models`` / ``load_models`` that it does not hold: registered like the
+    API would; failures are logged, not fatal."""
+    if saved is not None:
+        await restore(registry, saved)
     entries = list(config.load_models)
     if [e.lower() for e in entries] == ["all"]:
         store = Path(config.model_store) if config.model_store else None
@@ -174,6 +193,9 @@ async def _load_startup_models(registry: ModelRegistry, config: ServerConfig) ->
         )
     for entry in entries:
         name, _, url = entry.rpartition("=")
+        if saved is not None and saved.has(name or None, url):
+            log.info("startup model %s skipped because %s has it", entry, saved.source)
+            continue
         request = RegisterRequest(url=url, model_name=name or None, synchronous=False)
         try:
             status, message = await registry.register(request, loaded_at_startup=True)
