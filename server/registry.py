@@ -15,6 +15,7 @@ from typing import Any
 from archiver import ArchiveError, ExtractLimits, check_model_name, open_archive
 
 from .config import ConfigError, ServerConfig, parse_model_yaml
+from .download import DownloadFailed, archive_file_name, download
 from .errors import (
     BadRequest,
     Conflict,
@@ -54,10 +55,6 @@ class ArchiveNotFound(NotFound):
     """A register URL that names no usable archive; TorchServe reports these as ModelNotFoundException."""
 
     type_name = "ModelNotFoundException"
-
-
-class DownloadFailed(BadRequest):
-    type_name = "DownloadArchiveException"
 
 
 class ModelRegistry:
@@ -113,7 +110,11 @@ class ModelRegistry:
     # -- register ------------------------------------------------------------------------------
 
     def resolve_url(self, url: str | None) -> Path:
-        """The archive an URL names. Only the model store is reachable unless allowed_urls says more."""
+        """The archive an URL names; for an http(s) URL, the model-store file to download it to.
+
+        Only the model store is reachable unless allowed_urls says more. Every check here runs
+        before any network or file access.
+        """
         if url is None:
             raise BadRequest("Parameter url is required.")
         if url == "":
@@ -130,10 +131,13 @@ class ModelRegistry:
                 if not path.exists():
                     raise ArchiveNotFound(f"Model not found at: {url}")
                 return path
-            raise DownloadFailed(f"Failed to download archive from: {url}")
+            if not _is_download(url):
+                raise DownloadFailed(url, "only http:// and https:// URLs can be downloaded")
         store = self.config.model_store
         if store is None:
             raise ArchiveNotFound("Model store has not been configured.")
+        if _is_download(url):
+            return self._download_path(url)
         # One entry of the store, never the store itself ("."), a sub-directory path or an absolute path.
         if url == "." or "/" in url or "\\" in url:
             raise ArchiveNotFound(f"Model not found at: {url}")
@@ -142,6 +146,11 @@ class ModelRegistry:
             raise ArchiveNotFound(f"Model not found at: {url}")
         return path
 
+    def _download_path(self, url: str) -> Path:
+        """Where an http(s) URL's archive goes: the model store, under the URL's file name."""
+        assert self.config.model_store is not None
+        return Path(self.config.model_store) / archive_file_name(url)
+
     async def register(self, request: RegisterRequest, loaded_at_startup: bool = False) -> tuple[int, str]:
         """Register a model version; returns TorchServe's (status, message)."""
         path = self.resolve_url(request.url)
@@ -149,6 +158,18 @@ class ModelRegistry:
             raise BadRequest(f"Invalid RuntimeType value: {request.runtime}")
         if request.model_name is not None:
             check_name(request.model_name)
+        url = request.url or ""
+        downloaded = _is_download(url)
+        if downloaded:
+            await download(url, path, allowed=self.config.url_allowed, max_size=self.config.max_download_size)
+        try:
+            return await self._register(request, path, loaded_at_startup)
+        except BaseException:
+            if downloaded:  # a failed registration leaves no downloaded file behind
+                path.unlink(missing_ok=True)
+            raise
+
+    async def _register(self, request: RegisterRequest, path: Path, loaded_at_startup: bool) -> tuple[int, str]:
         limits = ExtractLimits()
         try:
             archive = await asyncio.to_thread(
@@ -328,6 +349,9 @@ class ModelRegistry:
         # New requests already get 404; the ones queued or in flight finish first.
         drained = await model.drain(self.config.unregister_model_timeout)
         await model.stop()
+        if _is_download(model.url):
+            # As in TorchServe, an archive downloaded for a model goes with it (not at shutdown).
+            self._download_path(model.url).unlink(missing_ok=True)
         if not drained:
             raise RequestTimeout(f"Timed out while cleaning resources: {name}")
         return f'Model "{name}" unregistered'
@@ -369,6 +393,10 @@ def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> in
         if isinstance(value, int) and value > 0:
             return value
     return 100
+
+
+def _is_download(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
 
 
 def check_name(name: str) -> str:

@@ -209,6 +209,7 @@ DEV_DEFAULTS = {
     "log_level": "INFO",
     "log_format": "text",
     "models": {},
+    "max_download_size": 10 << 30,
 }
 
 
