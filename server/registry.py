@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archiver import ArchiveError, ExtractLimits, check_model_name, open_archive
+from archiver import ArchiveError, ExtractLimits, ModelArchive, check_model_name, open_archive
 
 from .config import ConfigError, ServerConfig, parse_model_yaml
+from .dependencies import install_requirements, requirements_path
 from .download import DownloadFailed, archive_file_name, download
 from .errors import (
     BadRequest,
@@ -178,7 +181,9 @@ class ModelRegistry:
         except ArchiveError as exc:
             raise InvalidModel(str(exc)) from None
         try:
-            model = self._build_model(request, archive, loaded_at_startup)
+            archive, python_path = self._dependency_dir(archive)
+            model = self._build_model(request, archive, loaded_at_startup, python_path)
+            await self._install_dependencies(model, python_path)
         except BaseException:
             archive.cleanup()
             raise
@@ -205,7 +210,38 @@ class ModelRegistry:
             )
         return 200, f'Model "{name}" Version: {version} registered with {workers} initial workers'
 
-    def _build_model(self, request: RegisterRequest, archive: Any, loaded_at_startup: bool) -> ModelVersion:
+    def _dependency_dir(self, archive: ModelArchive) -> tuple[ModelArchive, Path | None]:
+        """Where the archive's requirements get installed, or None when they are not.
+
+        The directory lies in the archive's private working copy, so it goes with the archive; a
+        directory archive used in place gets a private directory of its own, never one in the store.
+        """
+        if not self.config.install_py_dep_per_model or not archive.manifest.model.requirements_file:
+            return archive, None
+        workdir = archive.workdir
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="marserve-model-", dir=self.workdir))
+            archive = dataclasses.replace(archive, workdir=workdir)
+        return archive, Path(tempfile.mkdtemp(prefix=".python-deps-", dir=workdir))
+
+    async def _install_dependencies(self, model: ModelVersion, python_path: Path | None) -> None:
+        requirements_file = model.archive.manifest.model.requirements_file
+        if not requirements_file:
+            return
+        if python_path is None:
+            log.warning(
+                "model %s: its requirements file %s was not installed; set install_py_dep_per_model=true "
+                "to pip-install an archive's requirements for its model",
+                model.name, requirements_file,
+            )  # fmt: skip
+            return
+        requirements = requirements_path(model.archive.model_dir, requirements_file)
+        env = self._worker_env(model.archive.model_dir, python_path)
+        await install_requirements(model.name, requirements, python_path, env=env)
+
+    def _build_model(
+        self, request: RegisterRequest, archive: Any, loaded_at_startup: bool, python_path: Path | None = None
+    ) -> ModelVersion:
         manifest = archive.manifest
         name = request.model_name or manifest.model.model_name
         check_name(name)
@@ -228,7 +264,7 @@ class ModelRegistry:
                 limit_max_image_pixels=self.config.limit_max_image_pixels,
                 decode_input_request=self.config.decode_input_request,
                 threads=max(1, (os.cpu_count() or 1) // max(1, settings.max_workers, len(model.slots))),
-                env=self._worker_env(archive.model_dir),
+                env=self._worker_env(archive.model_dir, python_path),
             )
 
         model = ModelVersion(
@@ -282,12 +318,14 @@ class ModelRegistry:
             device_ids=yaml.deviceIds,
         )  # fmt: skip
 
-    def _worker_env(self, model_dir: Path) -> dict[str, str]:
+    def _worker_env(self, model_dir: Path, python_path: Path | None = None) -> dict[str, str]:
         env = dict(self.environ)
         pattern = self.config.blacklist_env_vars
         if pattern:
             env = {k: v for k, v in env.items() if not re.fullmatch(pattern, k)}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(model_dir), env.get("PYTHONPATH", "")) if p)
+        # The model's own packages come before the server's: that is what installing them is for.
+        paths = (str(model_dir), str(python_path or ""), env.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         return env
 
     # -- workers -------------------------------------------------------------------------------
