@@ -6,7 +6,6 @@ can prove that a refused URL never reached the network.
 
 from __future__ import annotations
 
-import json
 import shutil
 import ssl
 import subprocess
@@ -322,7 +321,7 @@ def test_a_failed_load_removes_the_downloaded_file(srv: Server, host: ArchiveHos
     url = f"{host.base}/models/badhandler.mar"
     reply = srv.register(url, model_name="badhandler", handler="no_such_handler_module", initial_workers=1)
     assert reply.status_code == 500, reply.text
-    assert json.loads(reply.text)["message"].startswith("Failed to start workers for model badhandler")
+    assert reply.json()["message"].startswith("Failed to start workers for model badhandler")
     assert store_files(srv) == []
 
 
