@@ -9,6 +9,8 @@ Deviations from TorchServe 0.12 (DEV), each deliberate:
 
 - ``allowed_urls`` defaults to empty, so no URL can be registered until it is configured.
   TorchServe allows any ``http(s)://`` and ``file://`` URL (CVE-2023-43654).
+- ``max_download_size`` is a new key: the bytes an archive downloaded from an allowed
+  ``http(s)://`` URL may have (TorchServe has no cap).
 - ``enable_model_api`` defaults to true (TorchServe: false) so that archives already in the
   model store can be registered out of the box; the URL allow-list is what guards registration.
 - ``disable_token_authorization`` has a third state, unset (the default): tokens are then on only
@@ -406,6 +408,7 @@ class ServerConfig(BaseModel):
     ] = None
     default_service_handler: Annotated[str | None, _using(_to_opt_str)] = None
     install_py_dep_per_model: Bool = False
+    max_download_size: PosInt = 10 << 30  # DEV (new key): bytes an archive download may have
 
     allowed_urls: Annotated[list[str], _using(_to_regex_list)] = []  # DEV: TorchServe allows any
     use_env_allowed_urls: Bool = False

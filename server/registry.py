@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from archiver import ArchiveError, ExtractLimits, check_model_name, open_archive
+from archiver import ArchiveError, ExtractLimits, ModelArchive, check_model_name, open_archive
 
 from .config import ConfigError, ServerConfig, parse_model_yaml
+from .dependencies import install_requirements, requirements_path
+from .download import DownloadFailed, archive_file_name, download
 from .errors import (
     BadRequest,
     Conflict,
@@ -54,10 +58,6 @@ class ArchiveNotFound(NotFound):
     """A register URL that names no usable archive; TorchServe reports these as ModelNotFoundException."""
 
     type_name = "ModelNotFoundException"
-
-
-class DownloadFailed(BadRequest):
-    type_name = "DownloadArchiveException"
 
 
 class ModelRegistry:
@@ -120,6 +120,11 @@ class ModelRegistry:
         """The register parameters given for ``model``; ``initial_workers`` is the last scale's minimum."""
         return self._requests[model]
 
+    def local_url(self, model: ModelVersion) -> str:
+        """The url that registers ``model`` again from what is here: a downloaded archive's file
+        in the model store (it is kept until unregister, and fetching it again would collide)."""
+        return archive_file_name(model.url) if _is_download(model.url) else model.url
+
     async def _changed(self) -> None:
         if self.on_change is not None:
             await self.on_change(self)
@@ -127,7 +132,11 @@ class ModelRegistry:
     # -- register ------------------------------------------------------------------------------
 
     def resolve_url(self, url: str | None) -> Path:
-        """The archive an URL names. Only the model store is reachable unless allowed_urls says more."""
+        """The archive an URL names; for an http(s) URL, the model-store file to download it to.
+
+        Only the model store is reachable unless allowed_urls says more. Every check here runs
+        before any network or file access.
+        """
         if url is None:
             raise BadRequest("Parameter url is required.")
         if url == "":
@@ -144,10 +153,13 @@ class ModelRegistry:
                 if not path.exists():
                     raise ArchiveNotFound(f"Model not found at: {url}")
                 return path
-            raise DownloadFailed(f"Failed to download archive from: {url}")
+            if not _is_download(url):
+                raise DownloadFailed(url, "only http:// and https:// URLs can be downloaded")
         store = self.config.model_store
         if store is None:
             raise ArchiveNotFound("Model store has not been configured.")
+        if _is_download(url):
+            return self._download_path(url)
         # One entry of the store, never the store itself ("."), a sub-directory path or an absolute path.
         if url == "." or "/" in url or "\\" in url:
             raise ArchiveNotFound(f"Model not found at: {url}")
@@ -156,6 +168,11 @@ class ModelRegistry:
             raise ArchiveNotFound(f"Model not found at: {url}")
         return path
 
+    def _download_path(self, url: str) -> Path:
+        """Where an http(s) URL's archive goes: the model store, under the URL's file name."""
+        assert self.config.model_store is not None
+        return Path(self.config.model_store) / archive_file_name(url)
+
     async def register(self, request: RegisterRequest, loaded_at_startup: bool = False) -> tuple[int, str]:
         """Register a model version; returns TorchServe's (status, message)."""
         path = self.resolve_url(request.url)
@@ -163,6 +180,18 @@ class ModelRegistry:
             raise BadRequest(f"Invalid RuntimeType value: {request.runtime}")
         if request.model_name is not None:
             check_name(request.model_name)
+        url = request.url or ""
+        downloaded = _is_download(url)
+        if downloaded:
+            await download(url, path, allowed=self.config.url_allowed, max_size=self.config.max_download_size)
+        try:
+            return await self._register(request, path, loaded_at_startup)
+        except BaseException:
+            if downloaded:  # a failed registration leaves no downloaded file behind
+                path.unlink(missing_ok=True)
+            raise
+
+    async def _register(self, request: RegisterRequest, path: Path, loaded_at_startup: bool) -> tuple[int, str]:
         limits = ExtractLimits()
         try:
             archive = await asyncio.to_thread(
@@ -171,7 +200,9 @@ class ModelRegistry:
         except ArchiveError as exc:
             raise InvalidModel(str(exc)) from None
         try:
-            model = self._build_model(request, archive, loaded_at_startup)
+            archive, python_path = self._dependency_dir(archive)
+            model = self._build_model(request, archive, loaded_at_startup, python_path)
+            await self._install_dependencies(model, python_path)
         except BaseException:
             archive.cleanup()
             raise
@@ -201,7 +232,38 @@ class ModelRegistry:
             )
         return 200, f'Model "{name}" Version: {version} registered with {workers} initial workers'
 
-    def _build_model(self, request: RegisterRequest, archive: Any, loaded_at_startup: bool) -> ModelVersion:
+    def _dependency_dir(self, archive: ModelArchive) -> tuple[ModelArchive, Path | None]:
+        """Where the archive's requirements get installed, or None when they are not.
+
+        The directory lies in the archive's private working copy, so it goes with the archive; a
+        directory archive used in place gets a private directory of its own, never one in the store.
+        """
+        if not self.config.install_py_dep_per_model or not archive.manifest.model.requirements_file:
+            return archive, None
+        workdir = archive.workdir
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="marserve-model-", dir=self.workdir))
+            archive = dataclasses.replace(archive, workdir=workdir)
+        return archive, Path(tempfile.mkdtemp(prefix=".python-deps-", dir=workdir))
+
+    async def _install_dependencies(self, model: ModelVersion, python_path: Path | None) -> None:
+        requirements_file = model.archive.manifest.model.requirements_file
+        if not requirements_file:
+            return
+        if python_path is None:
+            log.warning(
+                "model %s: its requirements file %s was not installed; set install_py_dep_per_model=true "
+                "to pip-install an archive's requirements for its model",
+                model.name, requirements_file,
+            )  # fmt: skip
+            return
+        requirements = requirements_path(model.archive.model_dir, requirements_file)
+        env = self._worker_env(model.archive.model_dir, python_path)
+        await install_requirements(model.name, requirements, python_path, env=env)
+
+    def _build_model(
+        self, request: RegisterRequest, archive: Any, loaded_at_startup: bool, python_path: Path | None = None
+    ) -> ModelVersion:
         manifest = archive.manifest
         name = request.model_name or manifest.model.model_name
         check_name(name)
@@ -224,7 +286,7 @@ class ModelRegistry:
                 limit_max_image_pixels=self.config.limit_max_image_pixels,
                 decode_input_request=self.config.decode_input_request,
                 threads=max(1, (os.cpu_count() or 1) // max(1, settings.max_workers, len(model.slots))),
-                env=self._worker_env(archive.model_dir),
+                env=self._worker_env(archive.model_dir, python_path),
             )
 
         model = ModelVersion(
@@ -278,12 +340,14 @@ class ModelRegistry:
             device_ids=yaml.deviceIds,
         )  # fmt: skip
 
-    def _worker_env(self, model_dir: Path) -> dict[str, str]:
+    def _worker_env(self, model_dir: Path, python_path: Path | None = None) -> dict[str, str]:
         env = dict(self.environ)
         pattern = self.config.blacklist_env_vars
         if pattern:
             env = {k: v for k, v in env.items() if not re.fullmatch(pattern, k)}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(model_dir), env.get("PYTHONPATH", "")) if p)
+        # The model's own packages come before the server's: that is what installing them is for.
+        paths = (str(model_dir), str(python_path or ""), env.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         return env
 
     # -- workers -------------------------------------------------------------------------------
@@ -349,6 +413,9 @@ class ModelRegistry:
         # New requests already get 404; the ones queued or in flight finish first.
         drained = await model.drain(self.config.unregister_model_timeout)
         await model.stop()
+        if _is_download(model.url):
+            # As in TorchServe, an archive downloaded for a model goes with it (not at shutdown).
+            self._download_path(model.url).unlink(missing_ok=True)
         if not drained:
             raise RequestTimeout(f"Timed out while cleaning resources: {name}")
         return f'Model "{name}" unregistered'
@@ -394,6 +461,10 @@ def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> in
         if isinstance(value, int) and value > 0:
             return value
     return 100
+
+
+def _is_download(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
 
 
 def check_name(name: str) -> str:

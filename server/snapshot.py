@@ -236,7 +236,7 @@ def capture(registry: ModelRegistry) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": model.name,
             "version": model.version,
-            "url": model.url,
+            "url": registry.local_url(model),
             "default": registry.default_version(model.name) == model.version,
             "loaded_at_startup": model.loaded_at_startup,
             "params": {

@@ -209,6 +209,7 @@ DEV_DEFAULTS = {
     "log_format": "text",
     "models": {},
     "disable_token_authorization": None,  # unset: decided by the addresses
+    "max_download_size": 10 << 30,
 }
 
 
