@@ -9,7 +9,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from . import inference_api, management_api
-from .http import EXCEPTION_HANDLERS, ObserveResponses, json_response
+from .http import EXCEPTION_HANDLERS, LimitRequestBody, ObserveResponses, json_response
 from .metrics import Metrics
 from .openapi import metrics_openapi
 from .registry import ModelRegistry
@@ -23,10 +23,10 @@ def create_management_app(registry: ModelRegistry, metrics: Metrics) -> ASGIApp:
     app = Starlette(routes=management_api.create_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
     # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
     app.router.redirect_slashes = False
-    return ObserveResponses(app, metrics)
+    return ObserveResponses(LimitRequestBody(app, registry.config.max_request_size), metrics)
 
 
-def create_metrics_app(metrics: Metrics) -> ASGIApp:
+def create_metrics_app(metrics: Metrics, max_request_size: int) -> ASGIApp:
     async def scrape(request: Request) -> Response:
         names = request.query_params.getlist("name[]")
         body, content_type = metrics.render(names)
@@ -39,4 +39,5 @@ def create_metrics_app(metrics: Metrics) -> ASGIApp:
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/metrics", scrape, methods=["GET"]),
     ]
-    return ObserveResponses(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), metrics)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return ObserveResponses(LimitRequestBody(app, max_request_size), metrics)
