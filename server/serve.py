@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import signal
+import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +16,8 @@ from pathlib import Path
 import uvicorn
 
 from .apps import create_inference_app, create_management_app, create_metrics_app
-from .config import ServerConfig
+from .config import Address, ServerConfig
+from .connections import HttpProtocol
 from .gpu import detect_gpu_count
 from .metrics import Metrics, NoMetrics
 from .model import Observer
@@ -34,12 +37,14 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
+def _listener(app: object, address: Address, config: ServerConfig) -> _Listener:
     return _Listener(
         uvicorn.Config(
             app,  # type: ignore[arg-type]
-            host=address.host,  # type: ignore[attr-defined]
-            port=address.port,  # type: ignore[attr-defined]
+            host=address.host,
+            port=address.port,
+            # uvicorn's httptools protocol, with caps on request heads and a read timeout.
+            http=functools.partial(HttpProtocol, read_timeout=config.request_read_timeout),  # type: ignore[arg-type]
             log_config=None,
             # uvicorn's access logger is shared by all listeners; marserve writes its own.
             access_log=False,
@@ -49,10 +54,25 @@ def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
             # Forwarded-for headers are trusted from nobody: marserve is not deployed behind a
             # proxy by default, and the check costs time on every request.
             proxy_headers=False,
-            ssl_certfile=str(config.certificate_file) if config.certificate_file else None,
-            ssl_keyfile=str(config.private_key_file) if config.private_key_file else None,
+            # Only https addresses use TLS; ServerConfig made sure they have both files.
+            ssl_certfile=str(config.certificate_file) if address.ssl else None,
+            ssl_keyfile=str(config.private_key_file) if address.ssl else None,
         )
     )
+
+
+def _load_tls(listeners: list[_Listener]) -> None:
+    """Read the certificate and key now, so a bad file stops start-up with a message."""
+    for listener in listeners:
+        if listener.config.ssl_certfile:
+            try:
+                listener.config.load()
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "cannot use certificate_file %s with private_key_file %s: %s",
+                    listener.config.ssl_certfile, listener.config.ssl_keyfile, exc,
+                )  # fmt: skip
+                raise SystemExit(1) from None
 
 
 async def serve(
@@ -102,9 +122,12 @@ async def serve(
         _listener(create_management_app(registry, metrics), config.management_address, config),
     ]
     if config.enable_metrics_api:
-        listeners.append(_listener(create_metrics_app(metrics), config.metrics_address, config))
-    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+        app = create_metrics_app(metrics, config.max_request_size)
+        listeners.append(_listener(app, config.metrics_address, config))
+    tasks: list[asyncio.Task[None]] = []
     try:
+        _load_tls(listeners)
+        tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
         while not all(listener.started for listener in listeners):
             if any(task.done() for task in tasks):
                 # A listener that ends before starting could not bind: uvicorn logged why.
