@@ -140,8 +140,9 @@ class WorkerProcess:
             size = r.get("dropped", r["size"])
             if size > limit:
                 replies.append(_too_large(size, limit))
-            else:
-                replies.append(Reply(r["status"], r["phrase"], r["content_type"], [tuple(h) for h in r["headers"]], bytes(body)))
+                continue
+            headers = [tuple(h) for h in r["headers"]]
+            replies.append(Reply(r["status"], r["phrase"], r["content_type"], headers, bytes(body)))
         return replies, meta
 
     def kill(self) -> None:
