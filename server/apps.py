@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Scope
 from . import inference_api, management_api
 from .access_log import AccessLog
 from .auth import API, INFERENCE, MANAGEMENT, RequireToken, TokenAuth
-from .http import EXCEPTION_HANDLERS, ObserveResponses, json_response
+from .http import EXCEPTION_HANDLERS, LimitRequestBody, ObserveResponses, json_response
 from .metrics import Metrics
 from .openapi import metrics_openapi
 from .registry import ModelRegistry
@@ -48,11 +48,11 @@ def create_management_app(
     app = Starlette(routes=management_api.create_routes(registry, auth), exception_handlers=EXCEPTION_HANDLERS)
     # TorchServe ignores a trailing slash; Starlette would answer it with a redirect.
     app.router.redirect_slashes = False
-    observed = ObserveResponses(app, metrics, access_log)
+    observed = ObserveResponses(LimitRequestBody(app, registry.config.max_request_size), metrics, access_log)
     return observed if auth is None else RequireToken(observed, auth, _management_key, metrics, access_log)
 
 
-def create_metrics_app(metrics: Metrics, access_log: AccessLog) -> ASGIApp:
+def create_metrics_app(metrics: Metrics, access_log: AccessLog, max_request_size: int) -> ASGIApp:
     async def scrape(request: Request) -> Response:
         names = request.query_params.getlist("name[]")
         body, content_type = metrics.render(names)
@@ -65,4 +65,5 @@ def create_metrics_app(metrics: Metrics, access_log: AccessLog) -> ASGIApp:
         Route("/", api_description, methods=["OPTIONS"]),
         Route("/metrics", scrape, methods=["GET"]),
     ]
-    return ObserveResponses(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), metrics, access_log)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return ObserveResponses(LimitRequestBody(app, max_request_size), metrics, access_log)

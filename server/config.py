@@ -400,6 +400,8 @@ class ServerConfig(BaseModel):
 
     max_request_size: PosInt = 6553500
     max_response_size: PosInt = 6553500
+    # Seconds a connection may go silent while it owes the server a request; then it is closed.
+    request_read_timeout: PosInt = 60  # DEV: not a TorchServe key
     limit_max_image_pixels: Bool = True
     decode_input_request: Bool = True
     service_envelope: Annotated[
@@ -447,6 +449,14 @@ class ServerConfig(BaseModel):
                 if key not in cls.model_fields:
                     raise ConfigError(f"unknown configuration key: {key}")
         return data
+
+    @model_validator(mode="after")
+    def _https_needs_a_certificate(self) -> ServerConfig:
+        for key in ("inference_address", "management_address", "metrics_address"):
+            if getattr(self, key).ssl and not (self.certificate_file and self.private_key_file):
+                # TorchServe would make up a self-signed certificate; clients could not trust it.
+                raise ConfigError(f"{key} is https, which needs certificate_file and private_key_file")
+        return self
 
     @classmethod
     def from_properties(cls, values: Mapping[str, object]) -> ServerConfig:

@@ -12,7 +12,9 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 
 from .errors import BadRequest
 
-# Form caps: a form with thousands of parts is an attack, not an inference request.
+# Form caps: a form with thousands of parts is an attack, not an inference request. Each part's
+# size is bounded by max_request_size, and its header block by python-multipart (8 headers of at
+# most 4 KiB each).
 MAX_PARTS = 64
 MAX_FIELDS = 1000
 
@@ -46,9 +48,11 @@ def request_params(content_type: str | None, body: bytes) -> list[Param]:
 
 
 def parse_urlencoded(body: bytes) -> list[Param]:
-    fields = [field for field in body.split(b"&") if field]
-    if len(fields) > MAX_FIELDS:
+    # Split no further than the cap: a body of separators must not become millions of objects.
+    pieces = body.split(b"&", MAX_FIELDS)
+    if len(pieces) > MAX_FIELDS:
         raise BadRequest(f"Invalid form request: more than {MAX_FIELDS} fields")
+    fields = [field for field in pieces if field]
     params: list[Param] = []
     for field in fields:
         name, _, value = field.partition(b"=")

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from starlette.exceptions import HTTPException
@@ -101,16 +102,47 @@ EXCEPTION_HANDLERS = {
 }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, refusing (413) anything over ``limit`` bytes before buffering it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds max_request_size ({limit})")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds max_request_size ({limit})")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def check_content_length(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
+    """413 for a request that declares a body over ``limit`` bytes, before any of it is read."""
+    for key, value in headers:
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"Request body of {int(value)} bytes exceeds max_request_size ({limit})")
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The error for a body (chunked, or longer than declared) that grew past ``limit`` bytes."""
+    return PayloadTooLarge(f"Request body exceeds max_request_size ({limit})")
+
+
+class LimitRequestBody:
+    """``max_request_size`` on every route of an app, as TorchServe applies it on every port.
+
+    A declared Content-Length over the limit is answered 413 before the body is read; any other
+    body fails the app's read (413 through the app's error handlers) as soon as it passes the
+    limit, so no route ever holds more than ``limit`` bytes of it.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            check_content_length(scope["headers"], self.limit)
+        except PayloadTooLarge as error:
+            await error_response(error)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise body_too_large(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -16,9 +16,18 @@ from starlette.types import Receive, Scope, Send
 
 from .access_log import AccessLog
 from .batching import Job, Reply
-from .errors import PayloadTooLarge, ServerError
+from .errors import ServerError
 from .forms import request_params
-from .http import EXCEPTION_HANDLERS, NO_CACHE, ObserveResponses, error_body, json_response
+from .http import (
+    EXCEPTION_HANDLERS,
+    NO_CACHE,
+    LimitRequestBody,
+    ObserveResponses,
+    body_too_large,
+    check_content_length,
+    error_body,
+    json_response,
+)
 from .metrics import Metrics
 from .openapi import for_model, inference_openapi
 from .registry import ModelRegistry
@@ -39,7 +48,7 @@ class InferenceApp:
         self.access_log = access_log
         self.limit = registry.config.max_request_size
         fallback = Starlette(routes=_routes(registry), exception_handlers=EXCEPTION_HANDLERS)
-        self.fallback = ObserveResponses(fallback, metrics, access_log)
+        self.fallback = ObserveResponses(LimitRequestBody(fallback, self.limit), metrics, access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
@@ -149,9 +158,7 @@ def reply_headers(reply: Reply, request_id: str) -> list[tuple[bytes, bytes]]:
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body, refusing (413) anything over ``limit`` bytes before buffering it."""
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"Request body of {int(value)} bytes exceeds max_request_size ({limit})")
+    check_content_length(scope["headers"], limit)
     chunks = []
     size = 0
     while True:
@@ -161,7 +168,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds max_request_size ({limit})")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from .auth import ROTATABLE, TokenAuth
 from .errors import BadRequest, MethodNotAllowed
-from .http import NO_CACHE, json_response, read_body, status_response
+from .http import NO_CACHE, json_response, status_response
 from .model import ModelVersion
 from .openapi import for_model, management_openapi
 from .registry import ModelRegistry, RegisterRequest
@@ -23,7 +23,8 @@ async def _params(request: Request) -> dict[str, str]:
     """Query-string parameters, or a JSON body's when the client sends one (TorchServe accepts both)."""
     params: dict[str, Any] = dict(request.query_params)
     if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-        body = await read_body(request, 1 << 20)
+        # The app's LimitRequestBody caps it at max_request_size.
+        body = await request.body()
         if body.strip():
             try:
                 data = json.loads(body)

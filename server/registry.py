@@ -285,6 +285,7 @@ class ModelRegistry:
                 model_yaml_config=yaml_dict,
                 limit_max_image_pixels=self.config.limit_max_image_pixels,
                 decode_input_request=self.config.decode_input_request,
+                max_response_size=self.config.max_response_size,
                 threads=max(1, (os.cpu_count() or 1) // max(1, settings.max_workers, len(model.slots))),
                 env=self._worker_env(archive.model_dir, python_path),
             )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import signal
+import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,7 +18,8 @@ import uvicorn
 from .access_log import AccessLog, NoAccessLog
 from .apps import create_inference_app, create_management_app, create_metrics_app
 from .auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
-from .config import ServerConfig
+from .config import Address, ServerConfig
+from .connections import HttpProtocol
 from .gpu import detect_gpu_count
 from .metrics import Metrics, NoMetrics
 from .model import Observer
@@ -37,12 +40,14 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
+def _listener(app: object, address: Address, config: ServerConfig) -> _Listener:
     return _Listener(
         uvicorn.Config(
             app,  # type: ignore[arg-type]
-            host=address.host,  # type: ignore[attr-defined]
-            port=address.port,  # type: ignore[attr-defined]
+            host=address.host,
+            port=address.port,
+            # uvicorn's httptools protocol, with caps on request heads and a read timeout.
+            http=functools.partial(HttpProtocol, read_timeout=config.request_read_timeout),  # type: ignore[arg-type]
             log_config=None,
             # uvicorn's access logger is shared by all listeners; marserve writes its own.
             access_log=False,
@@ -52,10 +57,25 @@ def _listener(app: object, address: object, config: ServerConfig) -> _Listener:
             # Forwarded-for headers are trusted from nobody: marserve is not deployed behind a
             # proxy by default, and the check costs time on every request.
             proxy_headers=False,
-            ssl_certfile=str(config.certificate_file) if config.certificate_file else None,
-            ssl_keyfile=str(config.private_key_file) if config.private_key_file else None,
+            # Only https addresses use TLS; ServerConfig made sure they have both files.
+            ssl_certfile=str(config.certificate_file) if address.ssl else None,
+            ssl_keyfile=str(config.private_key_file) if address.ssl else None,
         )
     )
+
+
+def _load_tls(listeners: list[_Listener]) -> None:
+    """Read the certificate and key now, so a bad file stops start-up with a message."""
+    for listener in listeners:
+        if listener.config.ssl_certfile:
+            try:
+                listener.config.load()
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "cannot use certificate_file %s with private_key_file %s: %s",
+                    listener.config.ssl_certfile, listener.config.ssl_keyfile, exc,
+                )  # fmt: skip
+                raise SystemExit(1) from None
 
 
 async def serve(
@@ -115,16 +135,19 @@ async def serve(
         _listener(create_management_app(registry, metrics, access_log, auth), config.management_address, config),
     ]
     if config.enable_metrics_api:
-        listeners.append(_listener(create_metrics_app(metrics, access_log), config.metrics_address, config))
-    tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
+        app = create_metrics_app(metrics, access_log, config.max_request_size)
+        listeners.append(_listener(app, config.metrics_address, config))
+    tasks: list[asyncio.Task[None]] = []
     try:
+        _load_tls(listeners)
         if auth is not None:
-            # Before the first await, which lets the listeners start: no port answers before the file exists.
+            # Before the listeners start: no port answers before the file exists.
             try:
                 auth.publish()
             except OSError as exc:
                 log.error("cannot write the token key file %s: %s", auth.key_file, exc)
                 raise SystemExit(1) from None
+        tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
         while not all(listener.started for listener in listeners):
             if any(task.done() for task in tasks):
                 # A listener that ends before starting could not bind: uvicorn logged why.

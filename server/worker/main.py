@@ -65,7 +65,7 @@ def _load(meta: dict[str, Any]) -> Service:
         metrics=metrics,
     )
     initialize(context)
-    return Service(entry, context, meta.get("decode_input_request", True))
+    return Service(entry, context, meta.get("decode_input_request", True), meta.get("max_response_size"))
 
 
 def _load_failure(exc: BaseException) -> dict[str, Any]:

@@ -65,10 +65,13 @@ def encode_output(value: Any) -> tuple[bytes | bytearray | memoryview, str | Non
 class Service:
     """A loaded handler and the context it keeps between batches."""
 
-    def __init__(self, entry: Entry, context: Context, decode_input_request: bool) -> None:
+    def __init__(
+        self, entry: Entry, context: Context, decode_input_request: bool, max_response_size: int | None = None
+    ) -> None:
         self.entry = entry
         self.context = context
         self.decode = decode_input_request
+        self.max_response_size = max_response_size
 
     def predict(self, meta: dict[str, Any], blob: memoryview) -> tuple[dict[str, Any], list[Any]]:
         requests = meta["requests"]
@@ -143,16 +146,25 @@ class Service:
                     content_type = str(value)
                 else:
                     headers.append((str(key), str(value)))
+            response = {
+                "status": processor.get_response_status_code(),
+                "phrase": processor.get_response_status_phrase() or "",
+                "content_type": content_type,
+                "headers": headers,
+                "size": len(body),
+            }
+            if self.max_response_size is not None and len(body) > self.max_response_size:
+                # Not worth shipping: the frontend answers this one request with an error, and
+                # the rest of the batch and the worker carry on.
+                print(
+                    f"response to request {self.context.request_ids.get(idx)} is {len(body)} bytes, "
+                    f"over max_response_size ({self.max_response_size}); not sent",
+                    file=sys.stderr,
+                )
+                response.update(size=0, dropped=len(body))
+                body = b""
             parts.append(body)
-            responses.append(
-                {
-                    "status": processor.get_response_status_code(),
-                    "phrase": processor.get_response_status_phrase() or "",
-                    "content_type": content_type,
-                    "headers": headers,
-                    "size": len(body),
-                }
-            )
+            responses.append(response)
         return parts, responses
 
 

@@ -201,6 +201,7 @@ TORCHSERVE_DEFAULTS = {
     "enable_envvars_config": False,
 }
 DEV_DEFAULTS = {
+    "request_read_timeout": 60,
     "allowed_urls": [],
     "enable_model_api": True,
     "metrics_mode": "prometheus",
@@ -471,9 +472,23 @@ def test_addresses(key: str, text: str, scheme: str, host: str, port: int) -> No
     assert address.ssl == (scheme == "https")
 
 
+@pytest.mark.parametrize("missing", ["certificate_file", "private_key_file"])
+def test_https_address_needs_certificate_and_key(tmp_path: Path, missing: str) -> None:
+    files = {"certificate_file": "cert.pem", "private_key_file": "key.pem"}
+    del files[missing]
+    text = "metrics_address=https://127.0.0.1:8445\n" + "".join(f"{k}={v}\n" for k, v in files.items())
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, text)
+    assert str(exc.value) == "metrics_address is https, which needs certificate_file and private_key_file"
+
+
 def test_address_url_and_file_parsing(tmp_path: Path) -> None:
     assert str(Address.parse("http://[::1]:8080")) == "http://[::1]:8080"
-    config = load(tmp_path, "management_address=https://0.0.0.0\ninference_address=http://[fe80::1]:1\n")
+    config = load(
+        tmp_path,
+        "management_address=https://0.0.0.0\ninference_address=http://[fe80::1]:1\n"
+        "certificate_file=cert.pem\nprivate_key_file=key.pem\n",
+    )
     assert config.management_address == Address(scheme="https", host="0.0.0.0", port=8444)
     assert config.inference_address.url == "http://[fe80::1]:1"
 

@@ -95,6 +95,8 @@ def build_version(store: Path, name: str, handler: str, version: str, file_name:
 def first(tmp_path: Path) -> Iterator[Server]:
     """The first server on ``tmp_path``; tests restart it and stop whichever runs last."""
     servers = [start(tmp_path, wait_for="no snapshot at ")]
+    # The log line comes before the first save: wait for the file too.
+    wait_until(lambda: snapshot_file(servers[0]).exists(), what="the first snapshot")
     yield servers[0]
     servers[0].stop()
 

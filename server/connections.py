@@ -1,0 +1,145 @@
+"""HTTP connections: what a client may send before its request reaches an app.
+
+uvicorn's httptools protocol keeps a request's head in memory however long it grows, never
+closes a connection that stalls before its request is complete (or never sends one), and
+answers a request it cannot parse in text/plain. This subclass caps the head, closes stalled
+connections after ``read_timeout`` seconds of silence, and answers TorchServe's JSON 400
+(``Invalid HTTP message.``); everything else is uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import BadRequest
+from .http import NO_CACHE, error_body
+
+log = logging.getLogger("marserve.http")
+
+# The request line and headers together; cookies and tokens fit with room to spare.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+INVALID = "Invalid HTTP message."
+HEAD_TOO_LARGE = f"Invalid HTTP message: the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+TOO_MANY_HEADERS = f"Invalid HTTP message: more than {MAX_HEADERS} header fields"
+
+_NO_CACHE_LINES = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in NO_CACHE.items())
+
+
+class _Refused(Exception):
+    pass
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """One client connection, with limits on the request head and on stalling."""
+
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+        # True while the client owes the rest of a request: from the connection's start or a
+        # request's first byte until its last. Between requests uvicorn's keep-alive timeout rules.
+        self._incomplete = True
+        self._in_head = True
+        self._received_in_head = 0  # raw bytes, counted as they arrive
+        self._head_size = 0  # the parsed request line and headers
+        self._header_count = 0
+        self._refusal = INVALID
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._rearm_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._received_in_head += len(data)
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        # httptools holds an unfinished header line in memory, unseen by on_header: a head
+        # still unfinished after more bytes than the cap is too large, whatever its shape.
+        if self._in_head and self._received_in_head > MAX_HEAD_BYTES:
+            self._refuse(HEAD_TOO_LARGE)
+            return
+        self._rearm_read_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._incomplete = True
+        self._head_size = 0
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            self._refusal = TOO_MANY_HEADERS
+            raise _Refused
+        self._count_head(len(name) + len(value) + 4)  # with ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._incomplete = False
+        self._in_head = True
+        self._received_in_head = 0
+        super().on_message_complete()
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            # Raised through the parser, which uvicorn answers with send_400_response.
+            self._refusal = HEAD_TOO_LARGE
+            raise _Refused
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request its parser refused; TorchServe answers it in JSON.
+        self._refuse(self._refusal)
+
+    def _refuse(self, message: str) -> None:
+        body = error_body(BadRequest(message))
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            + b"content-length: %d\r\n" % len(body)
+            + _NO_CACHE_LINES
+            + f"x-request-id: {uuid.uuid4()}\r\n".encode()
+            + b"connection: close\r\n\r\n"
+        )
+        self.transport.write(head + body)
+        self.transport.close()
+
+    def _rearm_read_timer(self) -> None:
+        self._cancel_read_timer()
+        if self._incomplete:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # The server stopped reading (the app has not taken the body yet), not the client.
+            self._rearm_read_timer()
+            return
+        log.info("closing a connection from %s: no request data for %g s", self.client, self.read_timeout)
+        self.transport.close()
