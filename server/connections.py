@@ -36,7 +36,12 @@ class _Refused(Exception):
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """One client connection, with limits on the request head and on stalling."""
+    """One client connection, with limits on the request head and on stalling.
+
+    Every request passes through here, so the checks are per chunk and per request head, never
+    per header, and the stall timer is armed once and pushed back lazily rather than re-armed on
+    every read.
+    """
 
     def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,51 +51,47 @@ class HttpProtocol(HttpToolsProtocol):
         self._incomplete = True
         self._in_head = True
         self._received_in_head = 0  # raw bytes, counted as they arrive
-        self._head_size = 0  # the parsed request line and headers
-        self._header_count = 0
+        self._last_read = 0.0
         self._refusal = INVALID
         self._read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._rearm_read_timer()
+        self._last_read = self.loop.time()
+        self._arm_read_timer(self.read_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_read_timer()
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
         if self._in_head:
             self._received_in_head += len(data)
         super().data_received(data)
-        if self.transport.is_closing():
-            return
-        # httptools holds an unfinished header line in memory, unseen by on_header: a head
+        # httptools holds an unfinished header line in memory, unseen by the callbacks: a head
         # still unfinished after more bytes than the cap is too large, whatever its shape.
-        if self._in_head and self._received_in_head > MAX_HEAD_BYTES:
+        if self._in_head and self._received_in_head > MAX_HEAD_BYTES and not self.transport.is_closing():
             self._refuse(HEAD_TOO_LARGE)
-            return
-        self._rearm_read_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._incomplete = True
-        self._head_size = 0
-        self._header_count = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > MAX_HEADERS:
-            self._refusal = TOO_MANY_HEADERS
-            raise _Refused
-        self._count_head(len(name) + len(value) + 4)  # with ": " and CRLF
-        super().on_header(name, value)
+        if self._read_timer is None:
+            self._arm_read_timer(self.read_timeout)
 
     def on_headers_complete(self) -> None:
+        # A head that arrived in one read is only seen whole here; one read is at most the
+        # event loop's read buffer, so what was parsed before this check is bounded too.
+        headers = self.headers
+        if len(headers) > MAX_HEADERS:
+            self._refusal = TOO_MANY_HEADERS
+            raise _Refused  # through the parser, which uvicorn answers with send_400_response
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEAD_BYTES:
+            self._refusal = HEAD_TOO_LARGE
+            raise _Refused
         self._in_head = False
         super().on_headers_complete()
 
@@ -99,13 +100,6 @@ class HttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._received_in_head = 0
         super().on_message_complete()
-
-    def _count_head(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > MAX_HEAD_BYTES:
-            # Raised through the parser, which uvicorn answers with send_400_response.
-            self._refusal = HEAD_TOO_LARGE
-            raise _Refused
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request its parser refused; TorchServe answers it in JSON.
@@ -123,23 +117,18 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.write(head + body)
         self.transport.close()
 
-    def _rearm_read_timer(self) -> None:
-        self._cancel_read_timer()
-        if self._incomplete:
-            self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
-
-    def _cancel_read_timer(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+    def _arm_read_timer(self, delay: float) -> None:
+        self._read_timer = self.loop.call_later(delay, self._read_timed_out)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if self.transport.is_closing():
-            return
-        if self.flow.read_paused:
-            # The server stopped reading (the app has not taken the body yet), not the client.
-            self._rearm_read_timer()
+        if self.transport.is_closing() or not self._incomplete:
+            return  # gone, or between requests: on_message_begin arms the timer again
+        silent = self.loop.time() - self._last_read
+        if silent < self.read_timeout or self.flow.read_paused:
+            # Data came meanwhile, or the server stopped reading (the app has not taken the
+            # body yet), not the client: look again when the client has had its full time.
+            self._arm_read_timer(self.read_timeout - silent if silent < self.read_timeout else self.read_timeout)
             return
         log.info("closing a connection from %s: no request data for %g s", self.client, self.read_timeout)
         self.transport.close()
