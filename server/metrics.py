@@ -14,31 +14,33 @@ Prometheus objects for TorchServe's names are built when /metrics is scraped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from bisect import bisect_left
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Latency buckets in seconds, from a fast echo (sub-millisecond) to a slow batch (a minute).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, math.inf)
 MODEL_LABELS = ("model_name", "model_version")
 _PROMETHEUS_NAME = re.compile(r"[^a-zA-Z0-9_:]")
+_PREDICTION_LABELS = ("ModelName", "Level", "Hostname")
 
 
 class Metrics:
     """The server's metrics, recorded by the request path and read by the metrics API."""
 
     def __init__(self, hostname: str | None = None) -> None:
-        # The *_created series only double the output; this frontend process wants none.
-        disable_created_metrics()
         self.hostname = hostname or socket.gethostname()
         self.registry = CollectorRegistry()
         self._ts = _TorchServeMetrics(self.hostname)
@@ -46,8 +48,10 @@ class Metrics:
         self._custom = _HandlerMetrics(self.hostname)
         self.registry.register(self._custom)
 
-        def histogram(name: str, doc: str, buckets: Iterable[float] = LATENCY_BUCKETS) -> Histogram:
-            return Histogram(name, doc, MODEL_LABELS, buckets=tuple(buckets), registry=self.registry)
+        def histogram(name: str, doc: str, buckets: Iterable[float] = LATENCY_BUCKETS) -> _Histogram:
+            family = _Histogram(name, doc, tuple(buckets))
+            self.registry.register(family)
+            return family
 
         self.request_seconds = histogram(
             "marserve_request_duration_seconds", "Inference request latency, from receipt to response."
@@ -64,16 +68,16 @@ class Metrics:
         )
         self._workers = _WorkerStates()
         self.registry.register(self._workers)
-        # Labelled histogram children per model version: .labels() costs more than observe().
-        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        # Per model version: its histogram series and its PredictionTime gauge's label values.
+        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
-    def _model(self, name: str, version: str) -> tuple[Any, Any, Any, Any]:
+    def _model(self, name: str, version: str) -> tuple[Any, ...]:
         children = self._children.get((name, version))
         if children is None:
             children = tuple(
-                h.labels(name, version)
+                h.series((name, version))
                 for h in (self.request_seconds, self.queue_seconds, self.handler_seconds, self.batch_size)
-            )
+            ) + ((name, "Model", self.hostname),)
             self._children[(name, version)] = children
         return children
 
@@ -90,7 +94,7 @@ class Metrics:
         ts.requests[key] += 1
         ts.latency_us[key] += seconds * 1e6
         ts.queue_us[key] += queue_seconds * 1e6
-        request, queue, _, _ = self._model(name, version)
+        request, queue, _, _, _ = self._model(name, version)
         request.observe(seconds)
         if queue_seconds:
             queue.observe(queue_seconds)
@@ -98,7 +102,7 @@ class Metrics:
 
     def batch(self, name: str, version: str, size: int, round_trip: float, report: dict[str, Any]) -> None:
         """One batch answered by a worker; ``report`` is the meta of the worker's reply."""
-        _, _, handler, batch_size = self._model(name, version)
+        _, _, handler, batch_size, prediction_labels = self._model(name, version)
         batch_size.observe(size)
         handler_ms = report.get("handler_ms")
         if handler_ms is not None:
@@ -106,17 +110,13 @@ class Metrics:
             self._ts.gauges["WorkerThreadTime"][()] = max(0.0, round_trip * 1000 - handler_ms)
         prediction_ms = report.get("prediction_ms")
         if prediction_ms is not None:
-            self._custom.record(
-                {
-                    "name": "PredictionTime", "unit": "Milliseconds", "type": "gauge", "value": round(prediction_ms, 2),
-                    "dimensions": (("ModelName", name), ("Level", "Model")),
-                }
-            )  # fmt: skip
+            # What a handler's own gauge would record, without building and parsing its record.
+            self._custom.set("PredictionTime", "gauge", "Milliseconds", _PREDICTION_LABELS, prediction_labels, round(prediction_ms, 2))
         for metric in report.get("metrics", ()):
             self._custom.record(metric)
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
-        self.load_seconds.labels(name, version).observe(seconds)
+        self.load_seconds.series((name, version)).observe(seconds)
         worker = f"W-{worker_id}-{name}_{version}"
         self._ts.gauges["WorkerLoadTime"][(("WorkerName", worker),)] = seconds * 1000
 
@@ -242,10 +242,14 @@ class _HandlerMetrics(Collector):
             value = float(metric["value"])
         except (KeyError, TypeError, ValueError):
             return  # a malformed report from a handler must not break the request path
+        self.set(name, kind, str(metric.get("unit", "")), labels, values, value)
+
+    def set(self, name: str, kind: str, unit: str, labels: tuple[str, ...], values: tuple[str, ...], value: float) -> None:
+        """Record one point of a metric whose name and labels are already Prometheus-safe."""
         entry = self.series.get(name)
         if entry is None or entry[0] != kind or entry[2] != labels:
             # A metric re-declared with other dimensions replaces the old series, as in TorchServe's cache.
-            entry = (kind, str(metric.get("unit", "")), labels, {})
+            entry = (kind, unit, labels, {})
             self.series[name] = entry
         points = entry[3]
         if kind == "counter":
@@ -268,6 +272,49 @@ class _HandlerMetrics(Collector):
                 else:
                     metric.add_sample(name, sample_labels, value)
             yield metric
+
+
+class _Histogram(Collector):
+    """A histogram family labelled by model and version, kept as plain bucket counts.
+
+    The request path observes four histograms per request; prometheus-client's ``Histogram``
+    takes a lock and walks its buckets for each observation, this one bisects and adds (the
+    frontend records from one thread). Cumulative counts are built when /metrics is scraped.
+    """
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.doc = doc
+        self.bounds = buckets if buckets[-1] == math.inf else (*buckets, math.inf)
+        self._series: dict[tuple[str, str], _Series] = {}
+
+    def series(self, labels: tuple[str, str]) -> _Series:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(self.bounds)
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=MODEL_LABELS)
+        for labels, series in list(self._series.items()):
+            cumulative = itertools.accumulate(series.counts)
+            buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds, cumulative)]
+            family.add_metric(list(labels), buckets, series.sum)
+        yield family
+
+
+class _Series:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose upper bound is >= value: Prometheus buckets are "le".
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 class NoMetrics(Metrics):

@@ -180,3 +180,20 @@ def test_json_log_format(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
     assert any(e["logger"] == "marserve.access" and request_id in e["message"] for e in entries)
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None:
+    from server.metrics import Metrics
+
+    metrics = Metrics(hostname="h")
+    for seconds in (0.0005, 0.0006, 0.001, 120.0):
+        metrics.inference("m", None, "1.0", seconds, 0.0)
+    text = metrics.render(["marserve_request_duration_seconds"])[0].decode()
+    labels = {"model_name": "m", "model_version": "1.0"}
+    bucket = "marserve_request_duration_seconds_bucket"
+    assert value(text, bucket, le="0.0005", **labels) == 1  # a value equal to a bound is in its bucket
+    assert value(text, bucket, le="0.001", **labels) == 3
+    assert value(text, bucket, le="60.0", **labels) == 3
+    assert value(text, bucket, le="+Inf", **labels) == 4
+    assert value(text, "marserve_request_duration_seconds_count", **labels) == 4
+    assert value(text, "marserve_request_duration_seconds_sum", **labels) == pytest.approx(120.0021)
