@@ -625,6 +625,7 @@ def hostile_archives(store: Path, outside: Path) -> dict[str, Path]:
             store / "through.mar", ("escape/evil-faults-through", b"pwned"), links={"escape": str(outside)}
         ),
         "zip-link-chain": hostile_zip(store / "chain.mar", links={"x": "y/..", "y": "."}),
+        "zip-link-with-nul": hostile_zip(store / "nul.mar", links={"weights.pt": "a\x00/../../evil-faults-nul"}),
         "zip-bomb": zip_bomb(store / "bomb.mar", declared=64 << 30, real=16 << 20),
         "zip-lying-sizes": zip_bomb(store / "lying.mar", declared=1024, real=16 << 20),
         "zip-too-many-entries": many_entries(store / "many.mar", 10_001),
