@@ -7,6 +7,7 @@ comments and every line-break style. (tests/server/test_config.py round-trips si
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -24,11 +25,16 @@ KEYS = sorted(set(ServerConfig.model_fields) - {"ignored_keys"})
 # Values a config file might hold for any key: each converter must turn all of them into a value or a ConfigError.
 values = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["", " ", "true", "FALSE", "0", "-1", "+7", "1e3", "9" * 5000, "http://127.0.0.1:8080", "http://[::1]",
-                     "https://h:99999", "unix:/x", "{}", "[]", "{\"m\": {\"1.0\": {}}}", "null", "NaN", "all", "(", "[" * 100_000]),
+    st.sampled_from(
+        ["", " ", "true", "FALSE", "0", "-1", "+7", "1e3", "9" * 5000, "http://127.0.0.1:8080", "http://[::1]",
+         "https://h:99999", "unix:/x", "{}", "[]", '{"m": {"1.0": {}}}', "null", "NaN", "all", "(", "[" * 100_000]
+    ),  # fmt: skip
     st.from_regex(r"\s*[+-]?[0-9]{1,30}\s*", fullmatch=True),
     st.from_regex(r"https?://[a-z0-9.:\[\]]{0,20}(:[0-9]{0,7})?/?", fullmatch=True),
-    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)).map(repr),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    ).map(json.dumps),
 )
 
 
@@ -107,7 +113,9 @@ def escape(text: str) -> str:
 
 @ROUND_TRIP_SETTINGS
 @given(st.dictionaries(st.text(max_size=12), st.text(max_size=30), max_size=8), st.data())
-def test_escaped_entries_round_trip_across_continuations_and_comments(entries: dict[str, str], data: st.DataObject) -> None:
+def test_escaped_entries_round_trip_across_continuations_and_comments(
+    entries: dict[str, str], data: st.DataObject
+) -> None:
     lines = []
     for key, value in entries.items():
         separator = data.draw(SEPARATORS, label="separator")
@@ -125,7 +133,8 @@ def test_escaped_entries_round_trip_across_continuations_and_comments(entries: d
         if data.draw(st.booleans(), label="comment after"):
             # Comments may hold anything but a line break; a trailing backslash does not continue them.
             comment = data.draw(st.text(max_size=15).map(lambda t: "".join(c for c in t if c not in "\r\n")))
-            lines.append(data.draw(WHITESPACE) + data.draw(st.sampled_from("#!")) + comment + data.draw(st.sampled_from(["", "\\"])))
+            marker, trailer = data.draw(st.sampled_from("#!")), data.draw(st.sampled_from(["", "\\"]))
+            lines.append(data.draw(WHITESPACE) + marker + comment + trailer)
         if data.draw(st.booleans(), label="blank after"):
             lines.append(data.draw(WHITESPACE))
     text = "".join(line + data.draw(NEWLINES) for line in lines)

@@ -420,21 +420,30 @@ def test_stop_under_load_finishes_in_flight_requests_and_leaves_no_worker(tmp_pa
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     """Send ``data`` on a fresh connection and return what comes back up to the end of the first response."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(data)
+        try:
+            conn.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading it all; the answer may still be there
         received = b""
         while True:
             head, sep, rest = received.partition(b"\r\n\r\n")
-            if sep:
-                length = next(
-                    (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
-                    0,
-                )  # fmt: skip
-                if len(rest) >= length:
-                    return received
-            chunk = conn.recv(65536)
+            if sep and len(rest) >= content_length(head):
+                return received
+            try:
+                chunk = conn.recv(65536)
+            except ConnectionResetError:
+                return received
             if not chunk:
                 return received
             received += chunk
+
+
+def content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 def status_of(response: bytes) -> int:
@@ -461,7 +470,8 @@ def assert_up(server: Server) -> None:
             id="bad-chunk-size",
         ),
         pytest.param(
-            b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\n",
             id="length-and-chunked",
         ),
         pytest.param(b"GET /ping?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", id="huge-url"),
@@ -469,9 +479,9 @@ def assert_up(server: Server) -> None:
             b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nabc", id="oversized-body"
         ),
         pytest.param(
-            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * (1 << 20) + b"\r\n\r\n",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 100_000 + b"\r\n\r\n",
             id="huge-header",
-            marks=pytest.mark.xfail(strict=True, reason="no cap on request header size yet: a 1 MiB header is served"),
+            marks=pytest.mark.xfail(strict=True, reason="no cap on request header size yet: a 100 kB header is served"),
         ),
         pytest.param(
             b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
@@ -542,6 +552,7 @@ def test_deeply_nested_json_prediction_does_not_kill_the_worker(faults: Server) 
         b'{"url": "echo.mar", "model_name": "../evil-faults"}',
         pytest.param(
             b"[" * 100_000,
+            id="nested-too-deep",
             marks=pytest.mark.xfail(strict=True, reason="management_api: JSON nested too deep escapes as a 500"),
         ),
     ],
