@@ -163,7 +163,8 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
         opener = lambda info=info: archive.open(info)  # noqa: E731
         if stat.S_ISLNK(mode):
             yield _Entry(info.filename, "symlink", 0, opener, _read_link(opener, info.filename))
-        elif info.is_dir():
+        # Not info.is_dir(): it fails on an empty name (one that began with a NUL byte).
+        elif info.filename.endswith("/"):
             yield _Entry(info.filename, "dir", 0, opener)
         elif mode and stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise ArchiveError(f"entry {info.filename!r} is a special file")
@@ -275,6 +276,8 @@ def _make_link(root: Path, entry: _Entry, target: Path) -> None:
         return
     if entry.link.startswith(("/", "\\")) or _DRIVE.match(entry.link):
         raise ArchiveError(f"entry {entry.name!r} is a link to an absolute path")
+    if "\x00" in entry.link:
+        raise ArchiveError(f"entry {entry.name!r} is a link with a NUL byte in its target")
     target.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(entry.link, target)
     _check_inside(root, entry, target)

@@ -335,7 +335,7 @@ def _json_object(nested: bool, optional: bool) -> Callable[[str, Any], dict[str,
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the decoder goes
                 raise _invalid(key, value, f"invalid JSON: {exc}") from None
         if not isinstance(value, dict) or (
             nested

@@ -109,8 +109,12 @@ class ModelVersion:
         self.slots.append(slot)
         return slot
 
-    async def remove_slots(self, slots: list[WorkerSlot]) -> None:
-        """Stop these workers after their batch in hand; queued jobs stay for the others."""
+    async def remove_slots(self, slots: list[WorkerSlot], orphaned: ServerError | None = None) -> None:
+        """Stop these workers after their batch in hand; queued jobs stay for the others.
+
+        If no worker is left, nobody would ever take the queued jobs: they fail with ``orphaned``
+        (by default the 503 a request to a model without workers gets).
+        """
         for slot in slots:
             slot.stopping = True
             if not slot.busy and slot.serve_task is not None:
@@ -121,6 +125,10 @@ class ModelVersion:
         for slot in slots:
             if slot in self.slots:
                 self.slots.remove(slot)
+        if all(slot.stopping for slot in self.slots):
+            error = orphaned or ServiceUnavailable(no_worker_message(self.name, None))
+            for job in self.queue.drain():
+                _fail(job, error)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty and no batch is in flight; False on timeout."""
@@ -133,9 +141,7 @@ class ModelVersion:
         return True
 
     async def stop(self) -> None:
-        await self.remove_slots(list(self.slots))
-        for job in self.queue.drain():
-            _fail(job, InternalServerError(f"Model {self.name} was unregistered", 503))
+        await self.remove_slots(list(self.slots), InternalServerError(f"Model {self.name} was unregistered", 503))
         self.archive.cleanup()
 
     async def _supervise(self, slot: WorkerSlot) -> None:

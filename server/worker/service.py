@@ -39,7 +39,9 @@ def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any
             return json.loads(value)
         if mime.startswith("text"):
             return value.decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # Malformed JSON, bad UTF-8, or JSON nested deeper than the decoder's recursion limit: kept
+        # as bytes, so that no request can crash the worker that serves everyone's batches.
         pass
     return value
 

@@ -7,13 +7,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, alive, make_mar, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +26,12 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def calls(server: Server) -> list[tuple[int, str]]:
     """(pid, body) of every request a handler has run, oldest first."""
     log = server.tmp / "inf_calls.log"
     if not log.exists():
         return []
     return [(int(pid), body) for pid, _, body in (line.partition(" ") for line in log.read_text().splitlines())]
-
-
-def alive(pid: int) -> bool:
-    # A killed child may linger as a zombie until the server reaps it, and it
-    # may be reaped between any two looks, so one read of /proc decides.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # Shared: httpx's top-level functions build a TLS context per call (~50 ms).
