@@ -97,7 +97,7 @@ def parse_manifest(raw: bytes | str) -> Manifest:
     """Parse and validate manifest JSON; every problem becomes a one-line ArchiveError."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
         raise ArchiveError(f"{MANIFEST_PATH} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ArchiveError(f"{MANIFEST_PATH} must hold a JSON object")

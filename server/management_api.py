@@ -28,7 +28,7 @@ async def _params(request: Request) -> dict[str, str]:
         if body.strip():
             try:
                 data = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise BadRequest(f"Invalid JSON body: {exc}") from None
             if not isinstance(data, dict):
                 raise BadRequest("The JSON body must be an object")

@@ -252,9 +252,6 @@ def test_plain_archives_round_trip(files: list[tuple[list[str], bytes]]) -> None
             opened.cleanup()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="archiver/manifest.py: JSON nested too deep raises RecursionError, not ArchiveError"
-)
 def test_deeply_nested_manifest_is_an_archive_error() -> None:
     with sandbox() as base:
         path = base / "src" / "deep.mar"

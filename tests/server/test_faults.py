@@ -481,12 +481,10 @@ def assert_up(server: Server) -> None:
         pytest.param(
             b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 100_000 + b"\r\n\r\n",
             id="huge-header",
-            marks=pytest.mark.xfail(strict=True, reason="no cap on request header size yet: a 100 kB header is served"),
         ),
         pytest.param(
             b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
             id="many-headers",
-            marks=pytest.mark.xfail(strict=True, reason="no cap on the number of request headers yet"),
         ),
     ],
 )
@@ -553,7 +551,6 @@ def test_deeply_nested_json_prediction_does_not_kill_the_worker(faults: Server) 
         pytest.param(
             b"[" * 100_000,
             id="nested-too-deep",
-            marks=pytest.mark.xfail(strict=True, reason="management_api: JSON nested too deep escapes as a 500"),
         ),
     ],
 )
