@@ -198,7 +198,7 @@ class Marserve(Server):
     def start(self) -> None:
         started = time.perf_counter()
         subprocess.run(
-            [str(MARSERVE_BIN / "serve"), "--start", "--model-store", str(self.store), "--ts-config", str(self.config)],
+            [str(MARSERVE_BIN / "serve"), "--start", "--ncs", "--model-store", str(self.store), "--ts-config", str(self.config)],
             env=self.env, check=True, stdout=subprocess.DEVNULL, cwd=self.work,
         )  # fmt: skip
         self.startup_seconds = time.perf_counter() - started
