@@ -6,7 +6,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import inference_api, management_api
 from .access_log import AccessLog
@@ -67,3 +67,15 @@ def create_metrics_app(metrics: Metrics, access_log: AccessLog, max_request_size
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
     return ObserveResponses(LimitRequestBody(app, max_request_size), metrics, access_log)
+
+
+def serve_both(inference: ASGIApp, management: ASGIApp) -> ASGIApp:
+    """Both APIs on one listener, as TorchServe serves them when their addresses are the same:
+    the management API's paths go to it, everything else to the inference API."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        managed = path == "/models" or path.startswith("/models/") or path == "/token"
+        await (management if managed else inference)(scope, receive, send)
+
+    return app

@@ -16,7 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from .access_log import AccessLog, NoAccessLog
-from .apps import create_inference_app, create_management_app, create_metrics_app
+from .apps import create_inference_app, create_management_app, create_metrics_app, serve_both
 from .auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
 from .config import Address, ServerConfig
 from .connections import HttpProtocol
@@ -130,10 +130,15 @@ async def serve(
             )
         )
     auth = _token_auth(config, Path.cwd() / KEY_FILE_NAME)
-    listeners = [
-        _listener(create_inference_app(registry, metrics, access_log, auth), config.inference_address, config),
-        _listener(create_management_app(registry, metrics, access_log, auth), config.management_address, config),
-    ]
+    inference_app = create_inference_app(registry, metrics, access_log, auth)
+    management_app = create_management_app(registry, metrics, access_log, auth)
+    if config.management_address == config.inference_address:
+        listeners = [_listener(serve_both(inference_app, management_app), config.inference_address, config)]
+    else:
+        listeners = [
+            _listener(inference_app, config.inference_address, config),
+            _listener(management_app, config.management_address, config),
+        ]
     if config.enable_metrics_api:
         app = create_metrics_app(metrics, access_log, config.max_request_size)
         listeners.append(_listener(app, config.metrics_address, config))

@@ -800,3 +800,21 @@ def test_model_api_can_be_disabled(tmp_path: Path) -> None:
         assert listed(srv) == {"models": []}
     finally:
         srv.stop()
+
+
+def test_one_address_for_both_apis_serves_both_on_one_listener(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    # A later key wins: management_address now names the inference listener.
+    srv.config.write_text(srv.config.read_text() + f"management_address={srv.inference}\n")
+    srv.management = srv.inference
+    srv.start()
+    try:
+        make_mar(srv.store, "echo", "echo_handler.py")
+        reply = register(srv, "echo.mar", initial_workers=1)
+        assert reply.status_code == 200, reply.text
+        assert srv.predict("echo", b"one port").content == b"one port"
+        assert listed(srv) == {"models": [{"modelName": "echo", "modelUrl": "echo.mar"}]}
+        assert srv.http.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
+        assert call(srv, "DELETE", "/models/echo").status_code == 200
+    finally:
+        srv.stop()
