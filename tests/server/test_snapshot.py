@@ -10,7 +10,6 @@ import json
 import shutil
 import stat
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, make_mar, wait_for
 
 KEYS = (
     "modelName", "modelVersion", "modelUrl", "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay",
@@ -29,30 +28,22 @@ KEYS = (
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def snapshot_file(srv: Server) -> Path:
     return srv.root / "logs" / "config" / "snapshot.json"
 
 
-def start(root: Path, config: str = "", args: tuple[str, ...] = (), wait_for: str = "restored ") -> Server:
-    """A server on ``root``, returned once its start-up models are in (the log line ``wait_for``)."""
+def start(root: Path, config: str = "", args: tuple[str, ...] = (), log_line: str = "restored ") -> Server:
+    """A server on ``root``, returned once its start-up models are in (the log line ``log_line``)."""
     log = root / "server.log"
     offset = log.stat().st_size if log.exists() else 0
     srv = Server(root, config=config, args=args).start()
-    wait_until(lambda: wait_for in log.read_text()[offset:], what=f"{wait_for!r} in the log")
+    wait_for(lambda: log_line in log.read_text()[offset:], what=f"{log_line!r} in the log")
     return srv
 
 
-def restart(srv: Server, config: str = "", args: tuple[str, ...] = (), wait_for: str = "restored ") -> Server:
+def restart(srv: Server, config: str = "", args: tuple[str, ...] = (), log_line: str = "restored ") -> Server:
     srv.stop()
-    return start(srv.root, config, args, wait_for)
+    return start(srv.root, config, args, log_line)
 
 
 def log_since_start(srv: Server) -> str:
@@ -94,9 +85,9 @@ def build_version(store: Path, name: str, handler: str, version: str, file_name:
 @pytest.fixture
 def first(tmp_path: Path) -> Iterator[Server]:
     """The first server on ``tmp_path``; tests restart it and stop whichever runs last."""
-    servers = [start(tmp_path, wait_for="no snapshot at ")]
+    servers = [start(tmp_path, log_line="no snapshot at ")]
     # The log line comes before the first save: wait for the file too.
-    wait_until(lambda: snapshot_file(servers[0]).exists(), what="the first snapshot")
+    wait_for(lambda: snapshot_file(servers[0]).exists(), what="the first snapshot")
     yield servers[0]
     servers[0].stop()
 
@@ -130,8 +121,8 @@ def test_versions_default_workers_and_batching_survive_a_restart(first: Server, 
     running.append(second)
     assert {name: summary(second, name) for name in ("ver", "echo")} == before
     assert describe(second, "ver")["modelVersion"] == "2.0"
-    wait_until(ready(second, "ver", "2.0", 2), what="two workers of ver 2.0")
-    wait_until(ready(second, "ver", "1.0", 1), what="one worker of ver 1.0")
+    wait_for(ready(second, "ver", "2.0", 2), what="two workers of ver 2.0")
+    wait_for(ready(second, "ver", "1.0", 1), what="one worker of ver 1.0")
     assert describe(second, "echo")["workers"] == []
     assert second.predict("ver").content == b"2.0"
     assert second.http.post(f"{second.inference}/predictions/ver/1.0", content=b"x").content == b"1.0"
@@ -201,7 +192,7 @@ def test_a_config_change_applies_where_the_api_set_nothing(first: Server, runnin
     # batch_size was the API's: it stays. The delay and the worker count were never set through
     # the API, so today's config.properties decides them.
     assert (settings["batchSize"], settings["maxBatchDelay"], settings["minWorkers"]) == (4, 7, 2)
-    wait_until(ready(second, "echo", "1.0", 2), what="two workers of echo")
+    wait_for(ready(second, "echo", "1.0", 2), what="two workers of echo")
 
 
 # -- --ncs, --models and model_snapshot ------------------------------------------------------------
@@ -213,7 +204,7 @@ def test_ncs_neither_restores_nor_saves(first: Server, running: list[Server]) ->
     first.stop()
     saved = snapshot_file(first).read_bytes()
 
-    second = start(first.root, args=("--ncs",), wait_for="snapshots are off (--ncs)")
+    second = start(first.root, args=("--ncs",), log_line="snapshots are off (--ncs)")
     running.append(second)
     assert second.http.get(f"{second.management}/models/echo").status_code == 404
     assert second.register("echo.mar", model_name="other", initial_workers=0).status_code == 200
@@ -227,7 +218,7 @@ def test_ncs_neither_restores_nor_saves(first: Server, running: list[Server]) ->
 
 
 def test_ncs_from_the_first_start_writes_nothing(tmp_path: Path, running: list[Server]) -> None:
-    srv = start(tmp_path, args=("--ncs",), wait_for="snapshots are off (--ncs)")
+    srv = start(tmp_path, args=("--ncs",), log_line="snapshots are off (--ncs)")
     running.append(srv)
     make_mar(srv.store, "echo", "echo_handler.py")
     assert srv.register("echo.mar", initial_workers=0).status_code == 200
@@ -238,19 +229,19 @@ def test_ncs_from_the_first_start_writes_nothing(tmp_path: Path, running: list[S
 def test_models_flag_with_a_snapshot(first: Server, running: list[Server]) -> None:
     make_mar(first.store, "echo", "echo_handler.py")
     make_mar(first.store, "other", "echo_handler.py")
-    second = restart(first, args=("--models", "echo=echo.mar"), wait_for="startup model echo=echo.mar: ")
+    second = restart(first, args=("--models", "echo=echo.mar"), log_line="startup model echo=echo.mar: ")
     running.append(second)
     assert scale(second, "echo", "1.0", min_worker=2, synchronous=True).status_code == 200
 
     # echo comes back as the snapshot has it (2 workers); other.mar is new, so --models loads it.
-    third = restart(second, args=("--models", "echo=echo.mar", "other.mar"), wait_for="startup model other.mar: ")
+    third = restart(second, args=("--models", "echo=echo.mar", "other.mar"), log_line="startup model other.mar: ")
     running.append(third)
     assert summary(third, "echo")[0]["minWorkers"] == 2
     assert summary(third, "echo")[0]["loadedAtStartup"] is True
     assert summary(third, "other")[0]["loadedAtStartup"] is True
     log = log_since_start(third)
     assert f"startup model echo=echo.mar skipped because {snapshot_file(third)} has it" in log
-    wait_until(ready(third, "echo", "1.0", 2), what="two workers of echo")
+    wait_for(ready(third, "echo", "1.0", 2), what="two workers of echo")
     assert third.predict("other", b"hi").content == b"hi"
 
 
@@ -333,7 +324,7 @@ def test_a_corrupt_snapshot_is_ignored_with_ncs(tmp_path: Path, running: list[Se
     path = tmp_path / "logs" / "config" / "snapshot.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    running.append(start(tmp_path, args=("--ncs",), wait_for="snapshots are off (--ncs)"))
+    running.append(start(tmp_path, args=("--ncs",), log_line="snapshots are off (--ncs)"))
     assert path.read_text() == "{not json"
 
 
