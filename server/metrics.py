@@ -171,7 +171,7 @@ class _TorchServeMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         host = {"Level": "Host", "Hostname": self.hostname}
         for cls in (2, 4, 5):
-            metric = Metric(f"Requests{cls}XX", f"Torchserve prometheus counter metric with unit: Count", "unknown")
+            metric = Metric(f"Requests{cls}XX", "Torchserve prometheus counter metric with unit: Count", "unknown")
             metric.add_sample(f"Requests{cls}XX", host, float(self.status[cls]))
             yield metric
         per_model = [

@@ -314,7 +314,7 @@ def test_a_corrupt_snapshot_stops_the_start(tmp_path: Path, content: str, proble
         )
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith(f"serve: error: ")
+        assert result.stderr.startswith("serve: error: ")
         assert str(path) in result.stderr and problem in result.stderr
         assert "fix or remove the file, or start with --ncs to ignore it" in result.stderr
     assert path.read_text() == content  # nothing overwrote it
