@@ -17,7 +17,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import BadRequest
-from .http import NO_CACHE, error_body
+from .http import NO_CACHE
 
 log = logging.getLogger("marserve.http")
 
@@ -106,7 +106,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._refuse(self._refusal)
 
     def _refuse(self, message: str) -> None:
-        body = error_body(BadRequest(message))
+        body = BadRequest(message).body()
         head = (
             b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
             + b"content-length: %d\r\n" % len(body)

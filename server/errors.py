@@ -20,6 +20,8 @@ Every error renders as TorchServe's body: ``{"code", "type", "message"}``.
 
 from __future__ import annotations
 
+import json
+
 
 class ServerError(Exception):
     status_code = 500
@@ -33,6 +35,10 @@ class ServerError(Exception):
 
     def to_dict(self) -> dict[str, object]:
         return {"code": self.status_code, "type": self.type_name, "message": self.message}
+
+    def body(self) -> bytes:
+        """TorchServe's JSON for this error: 2-space indent and a trailing newline."""
+        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
 
 
 class BadRequest(ServerError):

@@ -67,10 +67,6 @@ def status_response(message: str, status_code: int = 200) -> Response:
     return json_response({"status": message}, status_code)
 
 
-def error_body(error: ServerError) -> bytes:
-    return (json.dumps(error.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
-
-
 def error_response(error: ServerError) -> Response:
     return json_response(error.to_dict(), error.status_code)
 

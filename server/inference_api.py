@@ -25,7 +25,6 @@ from .http import (
     ObserveResponses,
     body_too_large,
     check_content_length,
-    error_body,
     json_response,
 )
 from .metrics import Metrics
@@ -76,11 +75,11 @@ class InferenceApp:
             model.submit(job, versioned=version is not None)
             reply = await _await_reply(receive, future)
         except ServerError as error:
-            status, response_headers, payload = error.status_code, json_headers(request_id), error_body(error)
+            status, response_headers, payload = error.status_code, json_headers(request_id), error.body()
         except Exception as exc:  # noqa: BLE001 - a bug must still answer, in the API's format
             log.exception("unexpected error serving %s", scope["path"])
             error = ServerError(f"{type(exc).__name__}: {exc}")
-            status, response_headers, payload = 500, json_headers(request_id), error_body(error)
+            status, response_headers, payload = 500, json_headers(request_id), error.body()
         else:
             status, response_headers, payload = reply.status, reply_headers(reply, request_id), reply.body
         response_headers.append((b"content-length", str(len(payload)).encode()))

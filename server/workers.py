@@ -19,8 +19,6 @@ from typing import Any
 
 from . import protocol
 from .batching import Job, Reply
-from .errors import InternalServerError
-from .http import error_body
 
 log = logging.getLogger("marserve.worker")
 
@@ -133,16 +131,10 @@ class WorkerProcess:
             raise BatchFailed(meta["code"], meta["message"], meta)
         responses = meta["responses"]
         bodies = protocol.split(blob, [r["size"] for r in responses])
-        limit = self.spec.max_response_size
-        replies = []
-        for r, body in zip(responses, bodies):
-            # The worker drops a response over the limit; one it did send is checked here too.
-            size = r.get("dropped", r["size"])
-            if size > limit:
-                replies.append(_too_large(size, limit))
-                continue
-            headers = [tuple(h) for h in r["headers"]]
-            replies.append(Reply(r["status"], r["phrase"], r["content_type"], headers, bytes(body)))
+        replies = [
+            Reply(r["status"], r["phrase"], r["content_type"], [tuple(h) for h in r["headers"]], bytes(body))
+            for r, body in zip(responses, bodies)
+        ]
         return replies, meta
 
     def kill(self) -> None:
@@ -193,12 +185,6 @@ class WorkerProcess:
         model_log = logging.getLogger(f"marserve.model.{self.spec.model_name}")
         while line := await self.process.stdout.readline():
             model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
-
-
-def _too_large(size: int, limit: int) -> Reply:
-    # TorchServe kills the worker and answers "Worker died."; only this request need fail.
-    error = InternalServerError(f"Response of {size} bytes exceeds max_response_size ({limit})", 500)
-    return Reply(error.status_code, "", "application/json", [], error_body(error))
 
 
 class BatchFailed(Exception):

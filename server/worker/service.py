@@ -15,6 +15,7 @@ from typing import Any
 from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
+from ..errors import InternalServerError
 from ..protocol import split
 from .loader import Entry
 
@@ -148,25 +149,23 @@ class Service:
                     content_type = str(value)
                 else:
                     headers.append((str(key), str(value)))
-            response = {
-                "status": processor.get_response_status_code(),
-                "phrase": processor.get_response_status_phrase() or "",
-                "content_type": content_type,
-                "headers": headers,
-                "size": len(body),
-            }
+            status, phrase = processor.get_response_status_code(), processor.get_response_status_phrase() or ""
             if self.max_response_size is not None and len(body) > self.max_response_size:
-                # Not worth shipping: the frontend answers this one request with an error, and
-                # the rest of the batch and the worker carry on.
+                # Never shipped: this one request gets the error in its place (TorchServe kills the
+                # worker and answers "Worker died."); the rest of the batch and the worker carry on.
                 print(
                     f"response to request {self.context.request_ids.get(idx)} is {len(body)} bytes, "
                     f"over max_response_size ({self.max_response_size}); not sent",
                     file=sys.stderr,
                 )
-                response.update(size=0, dropped=len(body))
-                body = b""
+                error = InternalServerError(
+                    f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})", 500
+                )
+                body, status, phrase, content_type, headers = error.body(), error.status_code, "", "application/json", []
             parts.append(body)
-            responses.append(response)
+            responses.append(
+                {"status": status, "phrase": phrase, "content_type": content_type, "headers": headers, "size": len(body)}
+            )
         return parts, responses
 
 
