@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from archiver import ArchiveSpec, build_archive
+from archiver import MANIFEST_PATH, ArchiveSpec, build_archive
 
 ASSETS = Path(__file__).parent / "assets"
 BIN = Path(sys.executable).parent
@@ -60,6 +62,20 @@ def make_mar(store: Path, name: str, handler: str, *, version: str = "1.0", **sp
             **spec,  # type: ignore[arg-type]
         )
     )
+
+
+def zip_archive(path: Path, *members: tuple[str, bytes], manifest: str, symlinks: dict[str, str] = {}) -> Path:  # noqa: B006
+    """A zip archive written by hand, so it can hold what model-archiver never writes: hostile
+    names, contents and symlink entries (``{name: target}``)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST_PATH, manifest)
+        for name, data in members:
+            archive.writestr(name, data)
+        for name, target in symlinks.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return path
 
 
 class Server:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
-import stat
 import tarfile
 import zipfile
 from pathlib import Path
@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 
 from archiver import MANIFEST_PATH, ArchiveError, ExtractLimits, open_archive
+from tests.conftest import zip_archive
 
 MANIFEST = json.dumps({"runtime": "python", "model": {"modelName": "m", "handler": "h.py", "modelVersion": "1"}})
 
 
-def make_zip(path: Path, *members: tuple[str, bytes] | zipfile.ZipInfo, symlinks: dict[str, str] = {}) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(MANIFEST_PATH, MANIFEST)
-        for name, data in members:
-            archive.writestr(name, data)
-        for name, target in symlinks.items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            archive.writestr(info, target)
-    return path
+make_zip = functools.partial(zip_archive, manifest=MANIFEST)
 
 
 def make_tar(path: Path, *members: tarfile.TarInfo, data: dict[str, bytes] = {}) -> Path:

@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from server.auth import TokenAuth, is_loopback, tokens_required
 from server.config import ServerConfig
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, make_mar, wait_for
 
 FAILED = {
     "code": 401,
@@ -44,11 +43,8 @@ def assert_refused(response: httpx.Response) -> None:
 
 
 def wait_for_log(server: Server, text: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in (log := server.log.read_text()):
-        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{log}"
-        time.sleep(0.05)
-    return log
+    wait_for(lambda: text in server.log.read_text(), timeout, f"{text!r} in the log")
+    return server.log.read_text()
 
 
 @pytest.fixture(scope="module")

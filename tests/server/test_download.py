@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, make_mar, wait_for
 
 MAX_DOWNLOAD = 64 * 1024
 TOO_BIG = 4 * MAX_DOWNLOAD
@@ -342,10 +342,7 @@ def test_a_url_registered_at_startup_is_downloaded(tmp_path: Path, host: Archive
     config = f"allowed_urls={ALLOWED}\nload_models=startup={url}\n"
     srv = Server(tmp_path, config=config).start()
     try:
-        deadline = time.monotonic() + 30
-        while srv.predict("startup", b"up").status_code != 200:
-            assert time.monotonic() < deadline, srv.log.read_text()
-            time.sleep(0.1)
+        wait_for(lambda: srv.predict("startup", b"up").status_code == 200, 30, "the model to serve")
         assert store_files(srv) == ["startup.mar"]
     finally:
         srv.stop()
@@ -410,10 +407,7 @@ def test_a_downloaded_model_is_restored_from_the_store_after_a_restart(tmp_path:
     host.paths.clear()
     srv = Server(tmp_path, config=config).start()
     try:
-        deadline = time.monotonic() + 30
-        while srv.predict("kept", b"back").status_code != 200:
-            assert time.monotonic() < deadline, srv.log.read_text()
-            time.sleep(0.1)
+        wait_for(lambda: srv.predict("kept", b"back").status_code == 200, 30, "the model to serve")
         # Registered again from the file kept in the store: nothing fetched, no "already exists".
         assert host.paths == []
         assert store_files(srv) == ["kept.mar"]

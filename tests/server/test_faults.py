@@ -9,12 +9,12 @@ seconds shows up as a transport error, which the assertions treat as a hang.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
 import signal
 import socket
-import stat
 import statistics
 import tarfile
 import time
@@ -29,7 +29,7 @@ import pytest
 
 from archiver import MANIFEST_PATH
 from server.model import no_worker_message
-from tests.conftest import Server, alive, make_mar
+from tests.conftest import Server, alive, make_mar, zip_archive
 
 REQUEST_TIMEOUT = 30.0  # a request unanswered this long has hung
 SCENARIO_TIMEOUT = 60.0  # no scenario may take longer, whatever the server does
@@ -572,16 +572,7 @@ MANIFEST = json.dumps(
 )
 
 
-def hostile_zip(path: Path, *files: tuple[str, bytes], links: dict[str, str] = {}) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(MANIFEST_PATH, MANIFEST)
-        for name, data in files:
-            archive.writestr(name, data)
-        for name, target in links.items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            archive.writestr(info, target)
-    return path
+hostile_zip = functools.partial(zip_archive, manifest=MANIFEST)
 
 
 def hostile_tar(path: Path, *members: tuple[str, bytes, str]) -> Path:
@@ -627,13 +618,13 @@ def hostile_archives(store: Path, outside: Path) -> dict[str, Path]:
     return {
         "zip-slip": hostile_zip(store / "slip.mar", (slip, b"pwned"), ("a/" + slip, b"pwned")),
         "zip-absolute": hostile_zip(store / "absolute.mar", (str(outside / "evil-faults-abs"), b"pwned")),
-        "zip-symlink-out": hostile_zip(store / "symlink.mar", links={"weights.pt": str(canary)}),
-        "zip-symlink-up": hostile_zip(store / "symlink-up.mar", links={"weights.pt": "../" * 6 + "etc/passwd"}),
+        "zip-symlink-out": hostile_zip(store / "symlink.mar", symlinks={"weights.pt": str(canary)}),
+        "zip-symlink-up": hostile_zip(store / "symlink-up.mar", symlinks={"weights.pt": "../" * 6 + "etc/passwd"}),
         "zip-write-through-symlink": hostile_zip(
-            store / "through.mar", ("escape/evil-faults-through", b"pwned"), links={"escape": str(outside)}
+            store / "through.mar", ("escape/evil-faults-through", b"pwned"), symlinks={"escape": str(outside)}
         ),
-        "zip-link-chain": hostile_zip(store / "chain.mar", links={"x": "y/..", "y": "."}),
-        "zip-link-with-nul": hostile_zip(store / "nul.mar", links={"weights.pt": "a\x00/../../evil-faults-nul"}),
+        "zip-link-chain": hostile_zip(store / "chain.mar", symlinks={"x": "y/..", "y": "."}),
+        "zip-link-with-nul": hostile_zip(store / "nul.mar", symlinks={"weights.pt": "a\x00/../../evil-faults-nul"}),
         "zip-bomb": zip_bomb(store / "bomb.mar", declared=64 << 30, real=16 << 20),
         "zip-lying-sizes": zip_bomb(store / "lying.mar", declared=1024, real=16 << 20),
         "zip-too-many-entries": many_entries(store / "many.mar", 10_001),

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, make_mar, wait_for
 
 NOT_FOUND = "Requested resource is not found, please refer to API document."
 NOT_ALLOWED = "Requested method is not allowed, please refer to API document."
@@ -63,14 +62,6 @@ def assert_error(response: httpx.Response, code: int, type_name: str, message: s
 def assert_status(response: httpx.Response, code: int, message: str) -> None:
     assert response.status_code == code, response.text
     assert _assert_torchserve_json(response) == {"status": message}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def describe(srv: Server, name: str, version: str | None = None) -> dict[str, Any]:
@@ -161,7 +152,7 @@ def mgmt(module_server: Server) -> Iterator[Server]:
     yield module_server
     unregister_all(module_server)
     # A worker killed while still loading may take a moment to vanish; one that lingers is a leak.
-    wait_until(lambda: module_server.worker_pids() == [], timeout=5, what="every worker process to exit")
+    wait_for(lambda: module_server.worker_pids() == [], timeout=5, what="every worker process to exit")
 
 
 # -- register --------------------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def test_register_from_json_body(mgmt: Server) -> None:
     headers = {"Content-Type": "application/json; charset=utf-8"}
     reply = call(mgmt, "POST", "/models", content=json.dumps(body).encode(), headers=headers)
     assert_status(reply, 202, "Processing worker updates...")
-    wait_until(lambda: len(ready_pids(mgmt, "echo_json_async")) == 1, what="the worker to load")
+    wait_for(lambda: len(ready_pids(mgmt, "echo_json_async")) == 1, what="the worker to load")
 
 
 @pytest.mark.parametrize(
@@ -285,7 +276,7 @@ def test_register_with_zero_workers(mgmt: Server) -> None:
 def test_register_asynchronously(mgmt: Server) -> None:
     reply = register(mgmt, "echo.mar", initial_workers=1, synchronous=False)
     assert_status(reply, 202, "Processing worker updates...")
-    wait_until(lambda: len(ready_pids(mgmt, "echo")) == 1, what="the worker to load")
+    wait_for(lambda: len(ready_pids(mgmt, "echo")) == 1, what="the worker to load")
     assert predict(mgmt, "echo", b"later").content == b"later"
 
 
@@ -299,7 +290,7 @@ def test_failed_synchronous_registration_rolls_back(mgmt: Server, handler: str) 
     assert error["message"].startswith("Failed to start workers for model broken version: 1.0"), error
     assert_error(call(mgmt, "GET", "/models/broken"), 404, "ModelNotFoundException", "Model not found: broken")
     assert listed(mgmt)["models"] == []
-    wait_until(lambda: mgmt.worker_pids() == [], timeout=5, what="the failed workers to exit")
+    wait_for(lambda: mgmt.worker_pids() == [], timeout=5, what="the failed workers to exit")
     # Nothing half-registered holds the name: a working archive can take it at once.
     reply = register(mgmt, "echo.mar", model_name="broken", initial_workers=1)
     assert_status(reply, 200, 'Model "broken" Version: 1.0 registered with 1 initial workers')
@@ -308,7 +299,7 @@ def test_failed_synchronous_registration_rolls_back(mgmt: Server, handler: str) 
 def test_unregister_during_a_synchronous_registration(mgmt: Server) -> None:
     make_mar(mgmt.store, "slowload", "mgmt_slow_load_handler.py")
     join = in_threads(lambda: register(mgmt, "slowload.mar", initial_workers=2))
-    wait_until(lambda: call(mgmt, "GET", "/models/slowload").status_code == 200, what="the registration")
+    wait_for(lambda: call(mgmt, "GET", "/models/slowload").status_code == 200, what="the registration")
     assert_status(call(mgmt, "DELETE", "/models/slowload"), 200, 'Model "slowload" unregistered')
     [reply] = join()  # must not hang on workers that were stopped before they loaded
     assert reply.status_code == 500, reply.text
@@ -543,7 +534,7 @@ def test_scale_asynchronously(mgmt: Server) -> None:
     assert register(mgmt, "echo.mar", initial_workers=0).status_code == 200
     reply = call(mgmt, "PUT", "/models/echo", params={"min_worker": 2})
     assert_status(reply, 202, "Processing worker updates...")
-    wait_until(lambda: len(ready_pids(mgmt, "echo")) == 2, what="two workers")
+    wait_for(lambda: len(ready_pids(mgmt, "echo")) == 2, what="two workers")
     assert predict(mgmt, "echo", b"up").content == b"up"
     # Only workers above max_worker are removed.
     reply = call(mgmt, "PUT", "/models/echo", params={"min_worker": 1, "max_worker": 2, "synchronous": "true"})
@@ -604,7 +595,7 @@ def test_scale_down_answers_requests_in_flight(mgmt: Server, tmp_path: Path) -> 
     assert register(mgmt, "slow.mar", initial_workers=2).status_code == 200
     markers = [tmp_path / "a", tmp_path / "b"]
     join = in_threads(*(lambda m=m: predict(mgmt, "slow", str(m).encode()) for m in markers))
-    wait_until(lambda: all(m.exists() for m in markers), what="both requests to reach a worker")
+    wait_for(lambda: all(m.exists() for m in markers), what="both requests to reach a worker")
     reply = call(mgmt, "PUT", "/models/slow", params={"min_worker": 1, "synchronous": "true"})
     assert_status(reply, 200, "Workers scaled to 1 for model: slow")
     answers = join()
@@ -694,7 +685,7 @@ def test_unregister_lets_requests_in_flight_finish(mgmt: Server, tmp_path: Path)
     first, second = tmp_path / "first", tmp_path / "second"
     join = in_threads(*(lambda m=m: predict(mgmt, "slow", str(m).encode()) for m in (first, second)))
     # One request in the worker and one waiting in the queue: both must be answered.
-    wait_until(
+    wait_for(
         lambda: (first.exists() or second.exists()) and pending(mgmt, "slow") == 1,
         what="one request in flight and one queued",
     )
