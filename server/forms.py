@@ -33,11 +33,7 @@ def _text(raw: bytes) -> str:
 
 
 def request_params(content_type: str | None, body: bytes) -> list[Param]:
-    """The handler's input dict for one request, as (name, content type, bytes) triples (§3.1).
-
-    Values stay the exact bytes the client sent: form values are never decoded to text and
-    re-encoded here (the worker decodes by content type), so binary fields survive.
-    """
+    """The handler's input dict for one request, as (name, content type, bytes) triples (§3.1)."""
     mime = _mime(content_type)
     if mime == "multipart/form-data":
         return parse_multipart(content_type or "", body)

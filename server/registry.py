@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -243,7 +242,7 @@ class ModelRegistry:
         workdir = archive.workdir
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="marserve-model-", dir=self.workdir))
-            archive = dataclasses.replace(archive, workdir=workdir)
+            archive = replace(archive, workdir=workdir)
         return archive, Path(tempfile.mkdtemp(prefix=".python-deps-", dir=workdir))
 
     async def _install_dependencies(self, model: ModelVersion, python_path: Path | None) -> None:
