@@ -5,7 +5,7 @@ safe archive is live in one place.
 """
 
 from .build import ARCHIVE_FORMATS, ArchiveSpec, build_archive, collect_entries
-from .errors import ArchiveError
+from .errors import ArchiveError, one_line
 from .extract import ExtractLimits, ModelArchive, model_name_from_path, open_archive, read_manifest
 from .manifest import MANIFEST_PATH, Manifest, ModelSection, check_model_name, parse_manifest
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_model_name",
     "collect_entries",
     "model_name_from_path",
+    "one_line",
     "open_archive",
     "parse_manifest",
     "read_manifest",

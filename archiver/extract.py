@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
-from .errors import ArchiveError
+from .errors import ArchiveError, one_line
 from .manifest import MANIFEST_PATH, Manifest, ModelSection, check_model_name, parse_manifest
 
 _CHUNK = 1 << 20
@@ -141,7 +141,7 @@ def extract(source: Path, dest: Path, limits: ExtractLimits = ExtractLimits()) -
         else:
             raise ArchiveError(f"{source.name}: not a model archive (expected a .mar zip, a .tar.gz or a directory)")
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError) as exc:
-        raise ArchiveError(f"{source.name}: corrupt archive: {_one_line(exc)}") from None
+        raise ArchiveError(f"{source.name}: corrupt archive: {one_line(exc)}") from None
 
 
 def _is_tar(source: Path) -> bool:
@@ -149,10 +149,6 @@ def _is_tar(source: Path) -> bool:
         return tarfile.is_tarfile(source)
     except (OSError, EOFError, zlib.error):
         return False
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:

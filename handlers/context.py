@@ -132,7 +132,6 @@ class Context:
         self.request_ids: dict[int, str] | None = None
         self.request_processor: list[RequestProcessor] = []
         self._metrics = metrics
-        self._limit_max_image_pixels = limit_max_image_pixels
         self.model_yaml_config = model_yaml_config or {}
         self.stopping_criteria = None
         self.cl_socket = None

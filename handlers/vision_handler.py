@@ -42,7 +42,6 @@ class VisionHandler(BaseHandler):
         if not context.system_properties.get("limit_max_image_pixels", True):
             # Process-wide, as in TorchServe: a worker serves one model.
             Image.MAX_IMAGE_PIXELS = None
-        self.initialized = True
 
     @timed
     def preprocess(self, data: list[Any]) -> Any:
@@ -74,10 +73,7 @@ class VisionHandler(BaseHandler):
         try:
             value = images.image_input(row)
             if isinstance(value, list):
-                try:
-                    return torch.as_tensor(value, dtype=torch.float32)
-                except (TypeError, ValueError, RuntimeError) as exc:
-                    raise RequestError(f"the JSON input is not an array of numbers: {exc}") from None
+                return self._row_tensor(value)
             image = images.open_image(value, self.image_formats)
             # The built-in transforms expect 3 channels; a handler's own transforms get the image as decoded.
             return images.to_rgb(image) if spec is not None else image

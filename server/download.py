@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from archiver import one_line
+
 from .errors import BadRequest, ServerError
 
 MAX_REDIRECTS = 5
@@ -243,12 +245,8 @@ def _describe(exc: Exception, host: str) -> str:
     if isinstance(exc, httpx.ReadTimeout):
         return f"no data from {host} for {READ_TIMEOUT:g} s"
     if isinstance(exc, httpx.ConnectError):
-        return f"could not connect to {host}: {_one_line(exc)}"
-    return _one_line(exc)
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+        return f"could not connect to {host}: {one_line(exc)}"
+    return one_line(exc)
 
 
 def _link_into_place(part: Path, destination: Path) -> None:

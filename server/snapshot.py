@@ -26,8 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
 )  # fmt: skip
+
+from archiver import one_line
 
 from .config import ServerConfig
 from .errors import ServerError
@@ -158,7 +168,7 @@ def read_snapshot(path: Path) -> SavedState | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"cannot read the snapshot {path}: {_one_line(exc)}; {ways_out}") from None
+        raise SnapshotError(f"cannot read the snapshot {path}: {one_line(exc)}; {ways_out}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -315,7 +325,7 @@ class SnapshotWriter:
                 data = (json.dumps(capture(registry), indent=2) + "\n").encode()
                 await asyncio.to_thread(write_atomically, self.path, data)
             except Exception as exc:  # noqa: BLE001 - the API call that got here has succeeded
-                log.error("could not save the snapshot %s: %s", self.path, _one_line(exc))
+                log.error("could not save the snapshot %s: %s", self.path, one_line(exc))
             self._saved = covered
 
 
@@ -341,7 +351,7 @@ async def restore(registry: ModelRegistry, state: SavedState) -> None:
             if saved.workers is not None and saved.workers.max != saved.workers.min:
                 await registry.scale(saved.name, saved.version, saved.workers.min, saved.workers.max, False)
         except Exception as exc:  # noqa: BLE001 - one model must not keep the others down
-            message = exc.message if isinstance(exc, ServerError) else _one_line(exc)
+            message = exc.message if isinstance(exc, ServerError) else one_line(exc)
             log.error(
                 "could not restore model %s from %s: %s. It is left out of the snapshots saved from now on; "
                 "its saved entry was %s",
@@ -381,5 +391,3 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else error["msg"]
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

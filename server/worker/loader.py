@@ -8,6 +8,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from handlers.utils import list_classes_from_module
+
 Entry = Callable[[Any, Any], Any]
 
 
@@ -39,9 +41,7 @@ def load_handler(handler: str) -> tuple[Callable[[Any], Any], Entry]:
     if entry is not None and callable(entry) and not inspect.isclass(entry):
         # A function entry point is initialised by calling it with no data.
         return (lambda context: entry(None, context)), entry
-    classes = [
-        cls for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__
-    ]
+    classes = list_classes_from_module(module)
     if len(classes) != 1:
         raise ValueError(
             f"Expected only one class in custom service code or a function entry point {classes}"
