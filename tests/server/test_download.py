@@ -108,6 +108,8 @@ ALLOWED = ",".join(
         r"http://100\\.100\\.100\\.200/.*",
         r"http://0\\.0\\.0\\.0:\\d+/.*",
         r"http://224\\.0\\.0\\.1/.*",
+        r"http://169\\.254\\.1\\.1/.*",
+        r"http://\\[fe80::1\\]/.*",
         r"ftp://127\\.0\\.0\\.1/.*",
     ]
 )
@@ -194,6 +196,8 @@ def test_only_http_and_https_are_downloaded(srv: Server) -> None:
         ("http://100.100.100.200/x.mar", "100.100.100.200: a cloud metadata address"),
         ("http://0.0.0.0:{port}/models/x.mar", "0.0.0.0: an unspecified address"),
         ("http://224.0.0.1/x.mar", "224.0.0.1: a multicast address"),
+        ("http://169.254.1.1/x.mar", "169.254.1.1: a link-local address"),
+        ("http://[fe80::1]/x.mar", "fe80::1: a link-local address"),
     ],
 )
 def test_forbidden_addresses_are_refused_without_connecting(

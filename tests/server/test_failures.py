@@ -150,3 +150,10 @@ def test_handler_error_fails_the_whole_batch(srv: Server) -> None:
     assert [r.status_code for r in responses] == [418] * 4
     assert {r.json()["message"] for r in responses} == {"I am a teapot"}
     assert len({r.headers["x-request-id"] for r in responses}) == 4
+
+
+def test_restart_backoff_grows_as_fibonacci_up_to_its_cap() -> None:
+    from server.model import _MAX_BACKOFF, _backoff
+
+    assert [_backoff(n) for n in range(8)] == [0, 1, 1, 2, 3, 5, 8, 13]
+    assert _backoff(100) == _MAX_BACKOFF

@@ -63,6 +63,12 @@ def test_request_counters_and_histograms_count_every_request(srv: Server) -> Non
     assert value(after, "marserve_workers", model_name="echo", state="READY") == 1
     assert value(after, "marserve_model_load_duration_seconds_count", model_name="echo") == 1
     assert value(after, "WorkerLoadTime", WorkerName=f"W-{_worker_id(srv, 'echo')}-echo_1.0") > 0
+    # Queue time and handler time: every request was queued, every batch timed.
+    assert delta("marserve_queue_duration_seconds_count", model_name="echo", model_version="1.0") == 8
+    assert delta("ts_queue_latency_microseconds", model_name="echo", model_version="default") > 0
+    assert delta("marserve_handler_duration_seconds_count", model_name="echo", model_version="1.0") >= 2
+    for gauge in ("QueueTime", "WorkerThreadTime"):
+        assert re.search(rf"^{gauge}\{{.*\}} \S+$", after, re.M), gauge
 
 
 def test_404_and_503_move_their_status_class(srv: Server) -> None:
@@ -93,6 +99,7 @@ def test_handler_custom_metrics_arrive_with_their_dimensions(srv: Server) -> Non
     assert value(after, "ImagesSeen", **labels) - value(before, "ImagesSeen", **labels) == 3
     assert value(after, "DecodeTime", ModelName="custom", Level="Model") == 12.5
     assert value(after, "PredictionTime", ModelName="custom") > 0
+    assert value(after, "HandlerTime", ModelName="custom") > 0
 
 
 def test_access_log_has_a_line_per_request(srv: Server) -> None:
@@ -135,7 +142,9 @@ def _worker_id(server: Server, model: str) -> str:
 
 def test_system_metrics_are_current(srv: Server) -> None:
     scrape(srv)  # the first scrape starts the CPU interval
+    time.sleep(0.2)  # long enough for the host's CPU time to move
     text = scrape(srv)
+    assert re.search(r"^CPUUtilization\{", text, re.M), "CPUUtilization is missing"
     for name in ("MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskUsage", "DiskAvailable", "DiskUtilization"):
         assert value(text, name, Level="Host") > 0, name
     assert 0 <= value(text, "CPUUtilization", Level="Host") <= 100
@@ -197,3 +206,14 @@ def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None
     assert value(text, bucket, le="+Inf", **labels) == 4
     assert value(text, "marserve_request_duration_seconds_count", **labels) == 4
     assert value(text, "marserve_request_duration_seconds_sum", **labels) == pytest.approx(120.0021)
+
+
+def test_log_level_above_info_silences_info_lines_and_the_access_log(tmp_path: Path) -> None:
+    server = Server(tmp_path, config="log_level=WARNING\n").start()
+    try:
+        request_id = server.http.get(f"{server.management}/models").headers["x-request-id"]
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert request_id not in log
+    assert "marserve listening" not in log
