@@ -6,9 +6,10 @@ re-encoded here (the worker decodes by content type), so binary fields survive.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParseError, MultipartParser
 
 from .errors import BadRequest
 
@@ -30,6 +31,24 @@ def _text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+# "; key=value" with the value a token or a quoted string whose backslash escapes any character
+# (RFC 9110 §5.6.6); python-multipart's own parser reads a quoted string ending in an escaped
+# backslash as unterminated, so a name like "a\\" swallowed the parameters after it.
+_PARAM = re.compile(rb';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.DOTALL)
+_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+
+
+def header_params(value: bytes) -> dict[bytes, bytes]:
+    """A header's parameters by lower-cased name, quoted values unquoted; the first of a name wins."""
+    params: dict[bytes, bytes] = {}
+    for match in _PARAM.finditer(value):
+        raw = match.group(2).strip()
+        if len(raw) >= 2 and raw.startswith(b'"') and raw.endswith(b'"'):
+            raw = _ESCAPE.sub(rb"\1", raw[1:-1])
+        params.setdefault(match.group(1).lower(), raw)
+    return params
 
 
 def request_params(content_type: str | None, body: bytes) -> list[Param]:
@@ -63,7 +82,7 @@ def parse_multipart(content_type: str, body: bytes) -> list[Param]:
     Starlette's form parser is not used: it decodes parts without a filename to text (mangling
     binary), drops their content type, and caps them at 1 MiB.
     """
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    boundary = header_params(content_type.encode("latin-1", "replace")).get(b"boundary")
     if not boundary:
         raise BadRequest("Invalid multipart/form request: no boundary")
     params: list[Param] = []
@@ -93,7 +112,7 @@ def parse_multipart(content_type: str, body: bytes) -> list[Param]:
     def on_part_end() -> None:
         if len(params) >= MAX_PARTS:
             raise BadRequest(f"Invalid multipart/form request: more than {MAX_PARTS} parts")
-        name = parse_options_header(headers.get(b"content-disposition", b""))[1].get(b"name")
+        name = header_params(headers.get(b"content-disposition", b"")).get(b"name")
         if name is None:
             raise BadRequest("Invalid multipart/form request: a part has no name")
         part_type = _mime(_text(headers.get(b"content-type", b""))) or None
