@@ -12,7 +12,6 @@ import math
 import re
 from urllib.parse import quote_from_bytes
 
-import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
