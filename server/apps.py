@@ -37,8 +37,7 @@ def _management_key(scope: Scope) -> str | None:
 def create_inference_app(
     registry: ModelRegistry, metrics: Metrics, access_log: AccessLog, auth: TokenAuth | None
 ) -> ASGIApp:
-    app = inference_api.InferenceApp(registry, metrics, access_log)
-    # Wrapped only when tokens are on, so that with them off predictions pay nothing for them.
+    app = inference_api.create_app(registry, metrics, access_log)
     return app if auth is None else RequireToken(app, auth, _inference_key, metrics, access_log)
 
 

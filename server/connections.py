@@ -4,20 +4,26 @@ uvicorn's httptools protocol keeps a request's head in memory however long it gr
 closes a connection that stalls before its request is complete (or never sends one), and
 answers a request it cannot parse in text/plain. This subclass caps the head, closes stalled
 connections after ``read_timeout`` seconds of silence, and answers TorchServe's JSON 400
-(``Invalid HTTP message.``); everything else is uvicorn's.
+(``Invalid HTTP message.``).
+
+On the inference port it also serves predictions itself (``predictions.Prediction``) instead of
+starting an ASGI task for them; every other request is uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 import uuid
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import BadRequest
 from .http import NO_CACHE
+from .predictions import Prediction, PredictionService, prediction_target
 
 log = logging.getLogger("marserve.http")
 
@@ -43,9 +49,14 @@ class HttpProtocol(HttpToolsProtocol):
     every read.
     """
 
-    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, read_timeout: float, predictions: PredictionService | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout = read_timeout
+        self.predictions = predictions
+        self._prediction: Prediction | None = None  # the one whose turn it is
+        self._default_headers: tuple[object, bytes] = (None, b"")
         # True while the client owes the rest of a request: from the connection's start or a
         # request's first byte until its last. Between requests uvicorn's keep-alive timeout rules.
         self._incomplete = True
@@ -64,6 +75,10 @@ class HttpProtocol(HttpToolsProtocol):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+        if self._prediction is not None:
+            self._prediction.client_gone()
+        if isinstance(self.cycle, Prediction):
+            self.cycle = None  # type: ignore[assignment]  # uvicorn would signal it as an ASGI cycle
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -93,13 +108,73 @@ class HttpProtocol(HttpToolsProtocol):
             self._refusal = HEAD_TOO_LARGE
             raise _Refused
         self._in_head = False
-        super().on_headers_complete()
+        prediction = self._prediction_for_head() if self.predictions is not None else None
+        if prediction is None:
+            super().on_headers_complete()
+            return
+        # As uvicorn does for its own requests: one at a time, later pipelined ones wait their turn.
+        previous = self.cycle
+        self.cycle = prediction  # type: ignore[assignment]
+        if previous is None or previous.response_complete:
+            self._start(prediction)
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((prediction, None))  # type: ignore[arg-type]
+
+    def _prediction_for_head(self) -> Prediction | None:
+        assert self.predictions is not None
+        method = self.parser.get_method()
+        if method == b"OPTIONS" or self.parser.should_upgrade():
+            return None
+        # The path exactly as uvicorn puts it in an ASGI scope.
+        path = httptools.parse_url(self.url).path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        target = prediction_target(path)
+        if target is None:
+            return None
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        return Prediction(
+            self.predictions, self, method.decode("ascii"), path, target, self.headers, self.client,
+            self.expect_100_continue, keep_alive,
+        )  # fmt: skip
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn starts the next pipelined request here, which may be a prediction.
+        if isinstance(cycle, Prediction):
+            self._start(cycle)
+        else:
+            super()._start_asgi_task(cycle, app)
+
+    def _start(self, prediction: Prediction) -> None:
+        self._prediction = prediction
+        prediction.start()
+
+    def on_body(self, body: bytes) -> None:
+        if isinstance(self.cycle, Prediction):
+            self.cycle.add_body(body)
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._incomplete = False
         self._in_head = True
         self._received_in_head = 0
-        super().on_message_complete()
+        if isinstance(self.cycle, Prediction):
+            self.cycle.body_complete()
+        else:
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._prediction = None
+        super().on_response_complete()
+
+    def default_headers(self) -> bytes:
+        """uvicorn's headers for every response (the date), as lines; uvicorn renews them each second."""
+        headers = self.server_state.default_headers
+        if headers is not self._default_headers[0]:
+            self._default_headers = (headers, b"".join(b"%s: %s\r\n" % pair for pair in headers))
+        return self._default_headers[1]
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request its parser refused; TorchServe answers it in JSON.

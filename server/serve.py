@@ -23,6 +23,7 @@ from .connections import HttpProtocol
 from .gpu import detect_gpu_count
 from .metrics import Metrics, NoMetrics
 from .model import Observer
+from .predictions import PredictionService
 from .system_metrics import SystemMetrics
 from .registry import ModelRegistry, RegisterRequest
 from .snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
@@ -40,14 +41,18 @@ class _Listener(uvicorn.Server):
         yield
 
 
-def _listener(app: object, address: Address, config: ServerConfig) -> _Listener:
+def _listener(
+    app: object, address: Address, config: ServerConfig, predictions: PredictionService | None = None
+) -> _Listener:
+    protocol = functools.partial(HttpProtocol, read_timeout=config.request_read_timeout, predictions=predictions)
     return _Listener(
         uvicorn.Config(
             app,  # type: ignore[arg-type]
             host=address.host,
             port=address.port,
-            # uvicorn's httptools protocol, with caps on request heads and a read timeout.
-            http=functools.partial(HttpProtocol, read_timeout=config.request_read_timeout),  # type: ignore[arg-type]
+            # uvicorn's httptools protocol, with caps on request heads and a read timeout; on the
+            # inference port it answers predictions itself.
+            http=protocol,  # type: ignore[arg-type]
             log_config=None,
             # uvicorn's access logger is shared by all listeners; marserve writes its own.
             access_log=False,
@@ -132,11 +137,13 @@ async def serve(
     auth = _token_auth(config, Path.cwd() / KEY_FILE_NAME)
     inference_app = create_inference_app(registry, metrics, access_log, auth)
     management_app = create_management_app(registry, metrics, access_log, auth)
+    predictions = PredictionService(registry, metrics, access_log, auth, config.max_request_size)
     if config.management_address == config.inference_address:
-        listeners = [_listener(serve_both(inference_app, management_app), config.inference_address, config)]
+        both = serve_both(inference_app, management_app)
+        listeners = [_listener(both, config.inference_address, config, predictions)]
     else:
         listeners = [
-            _listener(inference_app, config.inference_address, config),
+            _listener(inference_app, config.inference_address, config, predictions),
             _listener(management_app, config.management_address, config),
         ]
     if config.enable_metrics_api:

@@ -2,7 +2,8 @@
 
 Request headers also steer the response, so tests can check that per-request status, content
 type and headers set through the context reach the HTTP response:
-``X-Set-Status: 201 Created``, ``X-Set-Content-Type: text/csv``, ``X-Set-Header: name=value``.
+``X-Set-Status: 201 Created``, ``X-Set-Content-Type: text/csv``, ``X-Set-Header: name=value``
+(the value's backslash escapes are decoded, so a test can ask for a line break).
 """
 
 import hashlib
@@ -35,7 +36,7 @@ def handle(data, context):
         header = context.get_request_header(idx, "X-Set-Header")
         if header:
             name, _, value = header.partition("=")
-            context.set_response_header(idx, name, value)
+            context.set_response_header(idx, name, value.encode().decode("unicode_escape"))
         outputs.append(
             {
                 "params": {name: _describe(value) for name, value in row.items()},
