@@ -1,7 +1,7 @@
 """One worker OS process, seen from the frontend: spawn, load, predict, stop.
 
 The frontend talks to each worker over a private socket pair with plain request/reply
-frames (``protocol``), read with asyncio streams: there is no thread per call and no
+frames (``protocol``), through ``WorkerChannel``: there is no thread per call and no
 correlation map, because a worker has at most one batch in flight.
 """
 
@@ -55,6 +55,58 @@ class LoadSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+class WorkerChannel(asyncio.Protocol):
+    """The frontend's end of a worker's socket: one frame out, then its answer, one whole frame in.
+
+    A plain protocol rather than asyncio streams: the reply is taken from the socket's data in one
+    piece, and the waiting call wakes once, when the whole frame is there.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._size: int | None = None
+        self._waiter: asyncio.Future[bytearray] | None = None
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio's classes
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        if self._size is None:
+            self._size = protocol.frame_size(buffer)
+        if self._size is None or len(buffer) < self._size:
+            return
+        waiter = self._waiter
+        if len(buffer) > self._size or waiter is None or waiter.done():
+            # A worker answers each frame with exactly one: anything else means it is broken.
+            log.error("worker sent %d bytes nobody asked for; dropping its connection", len(buffer))
+            self.close()
+            return
+        self._buffer = bytearray()
+        self._size = None
+        waiter.set_result(buffer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the worker's socket closed"))
+
+    async def exchange(self, buffers: list[protocol.Buffer]) -> tuple[int, dict[str, Any], memoryview]:
+        """Send one frame and wait for the answer; ConnectionError if the worker goes away first."""
+        if self._lost or self.transport is None:
+            raise ConnectionError("the worker's socket is closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.writelines(buffers)
+        return protocol.decode(await self._waiter)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class WorkerProcess:
     """A worker process and its socket. Not restartable: supervision creates a new one."""
 
@@ -63,8 +115,7 @@ class WorkerProcess:
         self.spec = spec
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = time.time()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel: WorkerChannel | None = None
         self._log_task: asyncio.Task[None] | None = None
 
     @property
@@ -92,15 +143,14 @@ class WorkerProcess:
         finally:
             theirs.close()
         self._log_task = asyncio.create_task(self._forward_output())
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        _, self._channel = await asyncio.get_running_loop().create_unix_connection(WorkerChannel, sock=ours)
         load = {k: v for k, v in vars(self.spec).items() if k not in ("env", "threads")}
         try:
-            self._writer.writelines(protocol.encode(protocol.LOAD, load))
-            kind, meta, _ = await asyncio.wait_for(protocol.read_frame(self._reader), timeout)
+            kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, load)), timeout)
         except asyncio.TimeoutError:
             self.kill()
             raise WorkerLoadError(500, f"model load timed out after {timeout:g} s") from None
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             self.kill()
             raise WorkerLoadError(500, "worker exited while loading the model") from None
         if kind != protocol.LOADED or meta.get("code") != 200:
@@ -112,7 +162,7 @@ class WorkerProcess:
 
         Raises WorkerDied if the process goes away, BatchFailed on a handler error.
         """
-        assert self._reader is not None and self._writer is not None
+        assert self._channel is not None
         requests = []
         blobs: list[bytes] = []
         for job in batch:
@@ -121,9 +171,8 @@ class WorkerProcess:
             )
             blobs.extend(value for _, _, value in job.params)
         try:
-            self._writer.writelines(protocol.encode(protocol.PREDICT, {"requests": requests}, blobs))
-            kind, meta, blob = await protocol.read_frame(self._reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            kind, meta, blob = await self._channel.exchange(protocol.encode(protocol.PREDICT, {"requests": requests}, blobs))
+        except ConnectionError as exc:
             raise WorkerDied(str(exc)) from None
         if kind != protocol.RESULT:
             raise WorkerDied(f"unexpected frame {kind!r}")
@@ -143,13 +192,13 @@ class WorkerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self._writer is not None:
-            self._writer.close()
+        if self._channel is not None:
+            self._channel.close()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Close the socket (the worker exits on EOF), then kill it if it lingers."""
-        if self._writer is not None:
-            self._writer.close()
+        if self._channel is not None:
+            self._channel.close()
         if self.process is None:
             return
         try:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from server import protocol
+from server.workers import WorkerChannel
 
 META: dict[str, Any] = {"requests": [{"id": "r1", "headers": [["x-a", "é"]], "params": [["body", None, 3]]}]}
 
@@ -101,41 +102,60 @@ def test_recv_frame_is_none_when_peer_closes_mid_frame(pair: tuple[socket.socket
     assert protocol.recv_frame(pair[1]) is None
 
 
-def test_asyncio_reader_roundtrip_and_eof(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_meta_json_cannot_express_still_travels() -> None:
+    # orjson refuses lone surrogates and integers past 64 bits; the frame falls back to plain JSON.
+    meta = {"header": "bad \ud800 surrogate", "count": 2**70, "text": "é"}
+    kind, got, blob = protocol.decode(b"".join(protocol.encode(protocol.RESULT, meta, [b"x"])))
+    assert (kind, got, bytes(blob)) == (protocol.RESULT, meta, b"x")
+
+
+def serve_echo_frames(sock: socket.socket) -> threading.Thread:
+    """A stand-in worker on a blocking socket: answers each frame with a RESULT carrying its blob back."""
+
+    def run() -> None:
+        while (frame := protocol.recv_frame(sock)) is not None:
+            _, meta, blob = frame
+            protocol.send_frame(sock, protocol.encode(protocol.RESULT, {"seen": meta}, [blob]))
+        sock.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_worker_channel_exchanges_frames_then_reports_the_peer_gone(pair: tuple[socket.socket, socket.socket]) -> None:
     parts = [os.urandom(3_000_000), b"", b"end"]
+    worker = serve_echo_frames(pair[1])
 
     async def main() -> None:
-        reader, writer = await asyncio.open_unix_connection(sock=pair[1])
-        sender = send_in_background(pair[0], protocol.encode(protocol.RESULT, {"code": 200}, parts))
-        kind, meta, blob = await protocol.read_frame(reader)
-        assert (kind, meta) == (protocol.RESULT, {"code": 200})
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(WorkerChannel, sock=pair[0])
+        for size in (0, 10, 70_000):
+            kind, meta, blob = await channel.exchange(protocol.encode(protocol.PREDICT, META, [b"y" * size]))
+            assert (kind, meta, bytes(blob)) == (protocol.RESULT, {"seen": META}, b"y" * size)
+        kind, meta, blob = await channel.exchange(protocol.encode(protocol.PREDICT, {"big": 1}, parts))
         assert [bytes(p) for p in protocol.split(blob, [len(p) for p in parts])] == parts
-        await asyncio.to_thread(sender.join, 10)
-        pair[0].close()
-        with pytest.raises(asyncio.IncompleteReadError):
-            await protocol.read_frame(reader)
-        writer.close()
+        pair[1].shutdown(socket.SHUT_RDWR)  # the worker goes away
+        with pytest.raises(ConnectionError):
+            await channel.exchange(protocol.encode(protocol.PREDICT, META, [b"z"]))
+        with pytest.raises(ConnectionError):
+            await channel.exchange(protocol.encode(protocol.PREDICT, META, [b"z"]))
+        channel.close()
 
     asyncio.run(main())
+    worker.join(10)
 
 
-def test_asyncio_writer_to_blocking_reader(pair: tuple[socket.socket, socket.socket]) -> None:
-    # The frontend writes with asyncio streams, the worker reads with blocking sockets.
-    parts = [os.urandom(200_000), b"x"]
-    received: list[Any] = []
-    reader_thread = threading.Thread(target=lambda: received.append(protocol.recv_frame(pair[1])))
-    reader_thread.start()
-
+def test_worker_channel_drops_a_worker_that_talks_out_of_turn(pair: tuple[socket.socket, socket.socket]) -> None:
     async def main() -> None:
-        _, writer = await asyncio.open_unix_connection(sock=pair[0])
-        writer.writelines(protocol.encode(protocol.PREDICT, META, parts))
-        await writer.drain()
-        await asyncio.to_thread(reader_thread.join, 10)
-        writer.close()
+        loop = asyncio.get_running_loop()
+        _, channel = await loop.create_unix_connection(WorkerChannel, sock=pair[0])
+        protocol.send_frame(pair[1], protocol.encode(protocol.RESULT, {"unasked": True}))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ConnectionError):
+            await channel.exchange(protocol.encode(protocol.PREDICT, META, [b"z"]))
 
     asyncio.run(main())
-    kind, meta, blob = received[0]
-    assert (kind, meta, bytes(blob)) == (protocol.PREDICT, META, b"".join(parts))
 
 
 def test_split_gives_views_of_the_given_sizes() -> None:
