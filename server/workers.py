@@ -129,6 +129,10 @@ class WorkerProcess:
         # Set before torch is imported, so N workers share the cores instead of each taking all.
         threads = str(self.spec.threads)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+        # OpenMP's threads otherwise spin for a while after every parallel region: between batches
+        # that burns a core the frontend and the other workers need (for a small model, half the
+        # worker's CPU). Asleep, they cost a wake-up per region instead. A user's setting stands.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.worker", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),

@@ -10,6 +10,7 @@ def handle(data, context):
     report = {
         "gpu_id": context.system_properties["gpu_id"],
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "pid": os.getpid(),
     }
     return [json.dumps(report) for _ in data]

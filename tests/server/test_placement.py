@@ -64,6 +64,21 @@ def test_cpu_workers_share_the_cores(server: Server) -> None:
     assert {r["gpu_id"] for r in reports} == {None}
     expected = str(max(1, (os.cpu_count() or 1) // 2))
     assert {r["omp_threads"] for r in reports} == {expected}
+    # Idle OpenMP threads sleep instead of spinning on the cores the frontend needs.
+    assert {r["omp_wait_policy"] for r in reports} == {"PASSIVE"}
+
+
+def test_a_users_openmp_wait_policy_stands(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.env["OMP_WAIT_POLICY"] = "ACTIVE"
+    server.start()
+    try:
+        make_mar(server.store, "spin", "placement_handler.py")
+        assert server.register("spin.mar").status_code == 200
+        [report] = placements(server, "spin", 1).values()
+        assert report["omp_wait_policy"] == "ACTIVE"
+    finally:
+        server.stop()
 
 
 def test_frontend_never_loads_torch(tmp_path: Path) -> None:
