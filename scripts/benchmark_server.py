@@ -1,8 +1,13 @@
 """Drive marserve and TorchServe 0.12 with wrk on the same archives and report both, side by side.
 
+Both servers run at once, idle in turn: each scenario is measured in ``--rounds`` rounds that take
+the servers in alternating order (marserve first, then TorchServe first, ...), because a shared
+VM's speed drifts by 20% or more within minutes. A server's row is its median round, and a ratio
+is the median of the rounds' ratios, each taken from two runs a few seconds apart.
+
 Scenarios marked ``loop`` also time the handler's own loop with no server (scripts/bench/handler_loop.py:
 preprocess, inference and postprocess on the same inputs and batch size, in one process with the
-worker's torch thread count), just before and just after each server's run, and report served
+worker's torch thread count), just before and just after the scenario's rounds, and report served
 throughput as a fraction of it.
 """
 
@@ -144,7 +149,10 @@ class Server:
         self.config.write_text(
             f"inference_address={self.inference}\nmanagement_address={self.management}\n"
             f"metrics_address=http://127.0.0.1:{self.ports[2]}\ndisable_token_authorization=true\n"
-            f"enable_model_api=true\nmetrics_mode=prometheus\n{self.extra_config()}"
+            f"enable_model_api=true\nmetrics_mode=prometheus\n"
+            # TorchServe would otherwise run a metrics collector process every minute, while the
+            # other server is measured too.
+            f"disable_system_metrics=true\n{self.extra_config()}"
         )
         self.env = {**os.environ, "TMPDIR": str(work), "LOG_LOCATION": str(work / f"{self.name}-logs")}
         self.startup_seconds = 0.0
@@ -321,9 +329,19 @@ def run_wrk(server: Server, scenario: Scenario, seconds: int) -> Result:
     )
 
 
+def median_round(rounds: list[Result]) -> Result:
+    """The round with the median throughput (the higher of the middle two for an even count)."""
+    return sorted(rounds, key=lambda r: r.rps)[len(rounds) // 2]
+
+
+def _rate(rps: float) -> str:
+    return f"{rps:.1f}" if rps < 100 else f"{rps:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario, server and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario, alternating which server goes first")
     parser.add_argument("--skip-torchserve", action="store_true")
     parser.add_argument("--only", help="run only the scenarios whose label contains this text")
     args = parser.parse_args()
@@ -349,55 +367,66 @@ def run(args: argparse.Namespace, work: Path) -> None:
     scenarios = [s for s in scenarios if not args.only or args.only in s.label]
     build_archives(store, {s.model for s in scenarios})
     kinds = [Marserve] if args.skip_torchserve else [Marserve, TorchServe]
-    results: dict[str, dict[str, Result]] = {}
-    facts: dict[str, tuple[float, float]] = {}
-    # The handler's own loop runs just before and just after each server's load on the same
-    # scenario (the server idle meanwhile), and each served figure is compared with the mean of
-    # its two: on a shared machine, speed drifts by 10-20% over a minute.
-    loops: dict[str, dict[str, list[LoopResult]]] = {}
-    for kind in kinds:
-        server = kind(work, store)
-        server.start()
-        try:
-            rss = 0.0
-            for scenario in scenarios:
+    servers: list[Server] = []
+    results: dict[str, dict[str, list[Result]]] = {}
+    rss: dict[str, float] = {}
+    # The handler's own loop runs just before and just after each scenario's rounds (the servers
+    # idle meanwhile); served figures are compared with the mean of its two.
+    loops: dict[str, list[LoopResult]] = {}
+    try:
+        for kind in kinds:
+            servers.append(kind(work, store))
+            servers[-1].start()
+        for scenario in scenarios:
+            for server in servers:
                 server.register(scenario.model, scenario.batch_size, scenario.max_batch_delay)
                 if scenario.model == "echo":
-                    rss = rss_mib(server.frontend_pid())
-                bracket = loops.setdefault(scenario.label, {}).setdefault(server.name, []) if scenario.loop else None
-                if bracket is not None:
-                    bracket.append(run_loop(store, scenario, args.duration))
-                results.setdefault(scenario.label, {})[server.name] = run_wrk(server, scenario, args.duration)
-                if bracket is not None:
-                    bracket.append(run_loop(store, scenario, args.duration))
+                    rss[server.name] = rss_mib(server.frontend_pid())
+            if scenario.loop:
+                loops[scenario.label] = [run_loop(store, scenario, args.duration)]
+            by_server = results.setdefault(scenario.label, {})
+            for round_number in range(args.rounds):
+                for server in servers if round_number % 2 == 0 else servers[::-1]:
+                    by_server.setdefault(server.name, []).append(run_wrk(server, scenario, args.duration))
+            if scenario.loop:
+                loops[scenario.label].append(run_loop(store, scenario, args.duration))
+            for server in servers:
                 server.unregister(scenario.model)
-            facts[server.name] = (server.startup_seconds, rss)
-        finally:
+    finally:
+        for server in servers:
             server.stop()
-    print(f"\n{os.cpu_count()} cores, {args.duration} s per scenario, wrk -t1, one worker per model\n")
-    print("| scenario | server | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/req | other load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    medians = {label: {name: median_round(rounds) for name, rounds in by_server.items()} for label, by_server in results.items()}
+    print(
+        f"\n{os.cpu_count()} cores, {args.rounds} rounds of {args.duration} s per scenario and server, "
+        "wrk -t1, one worker per model\n"
+    )
+    print("| scenario | server | req/s (median round) | req/s of each round | p50 ms | p90 ms | p99 ms | errors | server CPU ms/req | other load |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for label, by_server in results.items():
-        for name, r in by_server.items():
-            rps = f"{r.rps:.1f}" if r.rps < 100 else f"{r.rps:.0f}"
+        for name, rounds in by_server.items():
+            r = medians[label][name]
+            each = ", ".join(_rate(x.rps) for x in rounds)
+            busy = max(x.other_load for x in rounds)
             print(
-                f"| {label} | {name} | {rps} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.errors} "
-                f"| {r.cpu_ms_per_request:.3f} | {r.other_load:.0f}% |"
+                f"| {label} | {name} | {_rate(r.rps)} | {each} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} "
+                f"| {sum(x.errors for x in rounds)} | {r.cpu_ms_per_request:.3f} | {busy:.0f}% |"
             )
-        for name, runs in loops.get(label, {}).items():
+        if label in loops:
+            runs = loops[label]
             rate = statistics.mean(lp.images_per_s for lp in runs)
             batch = statistics.mean(lp.batch_ms_p50 for lp in runs)
             cpu = statistics.mean(lp.cpu_ms_per_image for lp in runs)
             other = max(lp.other_load for lp in runs)
+            each = " / ".join(f"{lp.images_per_s:.1f}" for lp in runs)
             print(
-                f"| {label} | handler loop (no server), around {name} | {rate:.1f} | {batch:.2f} (batch) | | | "
+                f"| {label} | handler loop (no server) | {rate:.1f} | {each} | {batch:.2f} (batch) | | | "
                 f"| {cpu:.3f} | {other:.0f}% |"
             )
     steady = [s.label for s in scenarios if s.steady and s.label in results]
     if steady:
         print(
             f"\nreq/s of {', '.join(steady)}: the steady rate over whole batches (post_file_steady.lua); "
-            + "wrk's own: " + ", ".join(f"{n} {r.wrk_rps:.1f}" for s in steady for n, r in results[s].items())
+            + "wrk's own: " + ", ".join(f"{n} {r.wrk_rps:.1f}" for s in steady for n, r in medians[s].items())
         )
     if loops:
         print(
@@ -405,37 +434,39 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"| target {LOOP_TARGET:.0%} |"
         )
         print("|---|---|---:|---:|---:|---|")
-        for label, by_server in loops.items():
-            for name, runs in by_server.items():
-                served = results[label][name].rps
-                loop = statistics.mean(lp.images_per_s for lp in runs)
-                ratio = served / loop
+        for label, runs in loops.items():
+            loop = statistics.mean(lp.images_per_s for lp in runs)
+            each = " / ".join(f"{lp.images_per_s:.1f}" for lp in runs)
+            for name, served in medians[label].items():
+                ratio = served.rps / loop
                 verdict = "met" if ratio >= LOOP_TARGET else "NOT met"
-                busy = max(results[label][name].other_load, *(lp.other_load for lp in runs))
+                busy = max(*(x.other_load for x in results[label][name]), *(lp.other_load for lp in runs))
                 if busy > NOISY_LOAD:
                     verdict += f" (other load {busy:.0f}%: not comparable, rerun)"
-                each = " / ".join(f"{lp.images_per_s:.1f}" for lp in runs)
-                print(f"| {label} | {name} | {served:.1f} | {loop:.1f} ({each}) | {ratio:.2f} | {verdict} |")
+                print(f"| {label} | {name} | {served.rps:.1f} | {loop:.1f} ({each}) | {ratio:.2f} | {verdict} |")
         print("\n| handler loop | torch threads | batch ms p50 | preprocess ms | inference ms | postprocess ms |")
         print("|---|---:|---:|---:|---:|---:|")
-        for label, by_server in loops.items():
-            runs = [lp for r in by_server.values() for lp in r]
+        for label, runs in loops.items():
             cells = []
             for step in ("preprocess", "inference", "postprocess"):
                 times = [lp.steps_ms_p50[step] for lp in runs if step in lp.steps_ms_p50]
                 cells.append(f"{statistics.median(times):.2f}" if times else "")
             batch = statistics.median(lp.batch_ms_p50 for lp in runs)
             print(f"| {label} | {runs[0].torch_threads} | {batch:.2f} | {' | '.join(cells)} |")
-    if "torchserve" in facts:
-        print("\n| scenario | throughput ratio | p50 ratio (TorchServe / marserve) |")
-        print("|---|---:|---:|")
+    if len(servers) == 2:
+        print("\n| scenario | throughput ratio (median of rounds) | each round | p50 ratio (TorchServe / marserve) |")
+        print("|---|---:|---|---:|")
         for label, by_server in results.items():
             ours, theirs = by_server["marserve"], by_server["torchserve"]
-            print(f"| {label} | {ours.rps / theirs.rps:.2f}x | {theirs.p50 / ours.p50:.2f}x |")
+            ratios = [a.rps / b.rps for a, b in zip(ours, theirs)]
+            p50s = [b.p50 / a.p50 for a, b in zip(ours, theirs)]
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            print(f"| {label} | {statistics.median(ratios):.2f}x | {each} | {statistics.median(p50s):.2f}x |")
     print("\n| server | start-up (s, until all ports listen) | frontend RSS with one model (MiB) |")
     print("|---|---:|---:|")
-    for name, (startup, rss) in facts.items():
-        print(f"| {name} | {startup:.2f} | {f'{rss:.0f}' if rss else 'n/a (no echo scenario)'} |")
+    for server in servers:
+        held = rss.get(server.name)
+        print(f"| {server.name} | {server.startup_seconds:.2f} | {f'{held:.0f}' if held else 'n/a (no echo scenario)'} |")
     print(
         "\nother load: CPU used meanwhile by processes outside the measurement, in % of all cores; "
         "a row measured while it is high is not comparable."
