@@ -140,9 +140,7 @@ class RequireToken:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
-    response = error_response(Unauthorized(REFUSED))
-    response.headers["WWW-Authenticate"] = "Bearer"
-    await response(scope, receive, send)
+    await error_response(Unauthorized(REFUSED))(scope, receive, send)
 
 
 def _new_key() -> bytes:

@@ -26,6 +26,8 @@ import json
 class ServerError(Exception):
     status_code = 500
     type_name = "InternalServerException"
+    #: Response headers the error needs besides the JSON body's (a 401's challenge).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -53,6 +55,7 @@ class InvalidModel(BadRequest):
 class Unauthorized(ServerError):
     status_code = 401
     type_name = "InvalidKeyException"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ServerError):

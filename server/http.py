@@ -68,7 +68,7 @@ def status_response(message: str, status_code: int = 200) -> Response:
 
 
 def error_response(error: ServerError) -> Response:
-    return json_response(error.to_dict(), error.status_code)
+    return json_response(error.to_dict(), error.status_code, error.headers)
 
 
 async def render_server_error(request: Request, exc: Exception) -> Response:

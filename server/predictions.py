@@ -25,7 +25,7 @@ from .auth import INFERENCE, REFUSED, TokenAuth
 from .batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError, Unauthorized
 from .forms import request_params
-from .http import NO_CACHE, body_too_large
+from .http import NO_CACHE, body_too_large, check_content_length
 from .metrics import Metrics
 from .registry import ModelRegistry
 
@@ -151,16 +151,15 @@ class Prediction:
         self._refusal = self._check_head()
 
     def _check_head(self) -> ServerError | None:
+        try:
+            check_content_length(self.headers, self.service.limit)
+        except PayloadTooLarge as error:
+            return error
         auth = self.service.auth
-        limit = self.service.limit
-        authorization = None
-        for name, value in self.headers:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return PayloadTooLarge(f"Request body of {int(value)} bytes exceeds max_request_size ({limit})")
-            if name == b"authorization":
-                authorization = value
-        if auth is not None and not auth.allows(INFERENCE, authorization):
-            return Unauthorized(REFUSED)
+        if auth is not None:
+            authorization = next((v for k, v in self.headers if k == b"authorization"), None)
+            if not auth.allows(INFERENCE, authorization):
+                return Unauthorized(REFUSED)
         return None
 
     # -- fed by the connection -------------------------------------------------------------------
@@ -255,8 +254,7 @@ class Prediction:
 
     def _fail(self, error: ServerError) -> None:
         head = _NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode() + _JSON
-        if isinstance(error, Unauthorized):
-            head += b"www-authenticate: Bearer\r\n"
+        head += b"".join(f"{k.lower()}: {v}\r\n".encode("latin-1") for k, v in error.headers.items())
         self._send(error.status_code, head, error.body())
 
     def _send(self, status: int, head: bytes, body: bytes) -> None:
