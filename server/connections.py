@@ -22,7 +22,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import BadRequest
-from .http import NO_CACHE
+from .http import NO_CACHE_LINES
 from .predictions import Prediction, PredictionService, prediction_target
 
 log = logging.getLogger("marserve.http")
@@ -34,7 +34,6 @@ INVALID = "Invalid HTTP message."
 HEAD_TOO_LARGE = f"Invalid HTTP message: the request line and headers exceed {MAX_HEAD_BYTES} bytes"
 TOO_MANY_HEADERS = f"Invalid HTTP message: more than {MAX_HEADERS} header fields"
 
-_NO_CACHE_LINES = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in NO_CACHE.items())
 
 
 class _Refused(Exception):
@@ -185,7 +184,7 @@ class HttpProtocol(HttpToolsProtocol):
         head = (
             b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
             + b"content-length: %d\r\n" % len(body)
-            + _NO_CACHE_LINES
+            + NO_CACHE_LINES
             + f"x-request-id: {uuid.uuid4()}\r\n".encode()
             + b"connection: close\r\n\r\n"
         )

@@ -54,6 +54,8 @@ NO_CACHE = {
     "Pragma": "no-cache",
     "Expires": "Thu, 01 Jan 1970 00:00:00 UTC",
 }
+# The same, as the lines of a response head written by hand (connections, predictions).
+NO_CACHE_LINES = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in NO_CACHE.items())
 
 
 def json_response(payload: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

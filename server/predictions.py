@@ -25,13 +25,12 @@ from .auth import INFERENCE, REFUSED, TokenAuth
 from .batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError, Unauthorized
 from .forms import request_params
-from .http import NO_CACHE, body_too_large, check_content_length
+from .http import NO_CACHE, NO_CACHE_LINES, body_too_large, check_content_length
 from .metrics import Metrics
 from .registry import ModelRegistry
 
 log = logging.getLogger("marserve.inference")
 
-_NO_CACHE_LINES = b"".join(f"{k.lower()}: {v}\r\n".encode() for k, v in NO_CACHE.items())
 # Framing is ours to set: a handler's own copies of these would let its output forge a response.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -242,19 +241,22 @@ class Prediction:
     # -- the response ----------------------------------------------------------------------------
 
     def _reply(self, reply: Reply) -> None:
-        if not reply.headers and not reply.content_type:
-            head = _NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode()
-        else:
-            try:
+        try:
+            if reply.headers:
                 head = _handler_head(reply, self.request_id)
-            except ValueError as exc:
-                self._fail(ServerError(f"The handler set an invalid response header: {exc}"))
-                return
+            else:
+                # The common case: only a content type (or none) to add to our own headers.
+                head = NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode()
+                if reply.content_type:
+                    head += _header_line("content-type", reply.content_type)
+        except ValueError as exc:
+            self._fail(ServerError(f"The handler set an invalid response header: {exc}"))
+            return
         self._send(reply.status, head, reply.body)
 
     def _fail(self, error: ServerError) -> None:
-        head = _NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode() + _JSON
-        head += b"".join(f"{k.lower()}: {v}\r\n".encode("latin-1") for k, v in error.headers.items())
+        head = NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode() + _JSON
+        head += b"".join(_header_line(k.lower(), v) for k, v in error.headers.items())
         self._send(error.status_code, head, error.body())
 
     def _send(self, status: int, head: bytes, body: bytes) -> None:
@@ -301,17 +303,17 @@ def _handler_head(reply: Reply, request_id: str) -> bytes:
     if reply.content_type:
         # Sent as the handler set it (TorchServe adds no charset either).
         merged["content-type"] = reply.content_type
-    lines = []
-    for name, value in merged.items():
-        if name in _FRAMING:
-            continue
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            raise ValueError(repr(name))
-        try:
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        except UnicodeEncodeError:
-            raise ValueError(repr(name)) from None
-    return b"".join(lines)
+    return b"".join(_header_line(name, value) for name, value in merged.items() if name not in _FRAMING)
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """``name: value`` as a head line; ValueError naming the header if it is not valid HTTP."""
+    if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+        raise ValueError(repr(name))
+    try:
+        return f"{name}: {value}\r\n".encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(repr(name)) from None
 
 
 _STATUS_LINES: dict[int, bytes] = {}

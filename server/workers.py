@@ -67,7 +67,6 @@ class WorkerChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self._size: int | None = None
         self._waiter: asyncio.Future[bytearray] | None = None
-        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio's classes
@@ -90,13 +89,12 @@ class WorkerChannel(asyncio.Protocol):
         waiter.set_result(buffer)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(ConnectionError("the worker's socket closed"))
 
     async def exchange(self, buffers: list[protocol.Buffer]) -> tuple[int, dict[str, Any], memoryview]:
         """Send one frame and wait for the answer; ConnectionError if the worker goes away first."""
-        if self._lost or self.transport is None:
+        if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the worker's socket is closed")
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.writelines(buffers)
