@@ -185,6 +185,22 @@ def default_decode_threads() -> int:
     return max(1, min(8, cpus))
 
 
+#: Mean encoded size of a batch's images below which they are decoded in one thread. Handing an
+#: image to a pool thread costs about 0.1 ms (measured on 2 cores); a 200-byte PNG decodes in less
+#: than that, a 13 KB 256x256 JPEG in 0.7 ms.
+PARALLEL_DECODE_MIN_BYTES = 4096
+
+
+def worth_parallel_decoding(rows: Sequence[Any]) -> bool:
+    """Whether a batch's images are, on average, big enough to be worth decoding in threads."""
+    total = 0
+    for row in rows:
+        value = payload(row)
+        if isinstance(value, (bytes, bytearray, memoryview, str)):
+            total += len(value)
+    return total >= PARALLEL_DECODE_MIN_BYTES * len(rows)
+
+
 @functools.cache
 def decode_pool(workers: int) -> ThreadPoolExecutor:
     """One pool per size for the process (a worker serves one model), made on first use."""

@@ -28,7 +28,8 @@ class VisionHandler(BaseHandler):
 
     #: Pillow formats accepted (None: any Pillow reads).
     image_formats: tuple[str, ...] | None = images.DEFAULT_FORMATS
-    #: Decoding threads; None: the model YAML's ``handler: {decode_threads: N}``, else up to 8.
+    #: Decoding threads; None: the model YAML's ``handler: {decode_threads: N}``, else up to 8 for
+    #: batches of images big enough to gain from them (images.worth_parallel_decoding).
     decode_threads: int | None = None
     #: The tensor twin of the built-in ``image_processing``; used only while that is not overridden.
     _fast_path: FastPath | None = None
@@ -48,7 +49,7 @@ class VisionHandler(BaseHandler):
         """Decode each request, transform it, and stack the batch on the model's device."""
         spec = self._active_fast_path()
         rows = list(data)
-        threads = self._decode_threads()
+        threads = self._decode_threads(rows)
         if threads > 1 and len(rows) > 1:
             decoded = list(images.decode_pool(threads).map(lambda row: self._decode(row, spec), rows))
         else:
@@ -97,12 +98,14 @@ class VisionHandler(BaseHandler):
             return None
         return spec
 
-    def _decode_threads(self) -> int:
+    def _decode_threads(self, rows: list[Any]) -> int:
         threads = self.decode_threads
         if threads is None:
             section = (self.model_yaml_config or {}).get("handler")
             threads = section.get("decode_threads") if isinstance(section, dict) else None
-        return max(1, int(threads)) if threads is not None else images.default_decode_threads()
+        if threads is not None:
+            return max(1, int(threads))
+        return images.default_decode_threads() if images.worth_parallel_decoding(rows) else 1
 
     def get_insights(self, tensor_data: Any, _: Any, target: Any = 0) -> Any:
         """Integrated-gradients attributions of the batch (needs captum, imported on first use)."""

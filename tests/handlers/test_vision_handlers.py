@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,39 @@ def test_decoding_threads_give_the_same_batch(model_dir: Path) -> None:
     sequential = handler.preprocess(data)
     handler.decode_threads = 4
     assert torch.equal(handler.preprocess(data), sequential)
+
+
+def test_only_images_big_enough_are_decoded_in_threads(model_dir: Path) -> None:
+    # Handing an image to a pool thread costs more than decoding a tiny one, so small batches stay in
+    # the calling thread; a handler's or the model YAML's explicit decode_threads always stands.
+    handler = _classifier(model_dir)
+    seen: list[str] = []
+    decode = handler._decode
+
+    def recording_decode(row: Any, spec: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return decode(row, spec)
+
+    handler._decode = recording_decode  # type: ignore[method-assign]
+    tiny = [{"body": encode(sample_image(8, 8, seed=s), "PNG")} for s in range(4)]
+    big = [{"body": encode(sample_image(seed=s), "JPEG")} for s in range(4)]
+    assert all(len(row["body"]) < images.PARALLEL_DECODE_MIN_BYTES for row in tiny)
+    assert all(len(row["body"]) > images.PARALLEL_DECODE_MIN_BYTES for row in big)
+    caller = threading.current_thread().name
+
+    handler.preprocess(tiny)
+    assert seen == [caller] * 4
+    seen.clear()
+    handler.decode_threads = 2
+    handler.preprocess(tiny)
+    assert caller not in seen and len(seen) == 4
+    seen.clear()
+    handler.decode_threads = None
+    handler.preprocess(big)
+    if images.default_decode_threads() > 1:
+        assert caller not in seen and len(seen) == 4
+    else:
+        assert seen == [caller] * 4
 
 
 def test_segmenter_output(model_dir: Path) -> None:
