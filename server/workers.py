@@ -125,8 +125,12 @@ class WorkerProcess:
         ours, theirs = socket.socketpair()
         env = dict(self.spec.env)
         # Set before torch is imported, so N workers share the cores instead of each taking all.
+        # A user's own counts stand (as in TorchServe, whose workers inherit them): small models
+        # often serve faster on one thread, since waking a second one costs more than it saves.
         threads = str(self.spec.threads)
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", threads)
+        env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+        env["PYTHONUNBUFFERED"] = "1"
         # OpenMP's threads otherwise spin for a while after every parallel region: between batches
         # that burns a core the frontend and the other workers need (for a small model, half the
         # worker's CPU). Asleep, they cost a wake-up per region instead. A user's setting stands.

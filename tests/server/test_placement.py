@@ -57,26 +57,33 @@ def test_device_ids_and_cpu_device_type(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_cpu_workers_share_the_cores(server: Server) -> None:
-    make_mar(server.store, "threads", "placement_handler.py")
-    assert server.register("threads.mar", initial_workers=2).status_code == 200
-    reports = placements(server, "threads", 2).values()
-    assert {r["gpu_id"] for r in reports} == {None}
-    expected = str(max(1, (os.cpu_count() or 1) // 2))
-    assert {r["omp_threads"] for r in reports} == {expected}
-    # Idle OpenMP threads sleep instead of spinning on the cores the frontend needs.
-    assert {r["omp_wait_policy"] for r in reports} == {"PASSIVE"}
-
-
-def test_a_users_openmp_wait_policy_stands(tmp_path: Path) -> None:
+def test_cpu_workers_share_the_cores(tmp_path: Path) -> None:
     server = Server(tmp_path)
-    server.env["OMP_WAIT_POLICY"] = "ACTIVE"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+        server.env.pop(name, None)
+    server.start()
+    try:
+        make_mar(server.store, "threads", "placement_handler.py")
+        assert server.register("threads.mar", initial_workers=2).status_code == 200
+        reports = placements(server, "threads", 2).values()
+        assert {r["gpu_id"] for r in reports} == {None}
+        expected = str(max(1, (os.cpu_count() or 1) // 2))
+        assert {r["omp_threads"] for r in reports} == {expected}
+        # Idle OpenMP threads sleep instead of spinning on the cores the frontend needs.
+        assert {r["omp_wait_policy"] for r in reports} == {"PASSIVE"}
+    finally:
+        server.stop()
+
+
+def test_a_users_openmp_settings_stand(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+    server.env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
     server.start()
     try:
         make_mar(server.store, "spin", "placement_handler.py")
-        assert server.register("spin.mar").status_code == 200
-        [report] = placements(server, "spin", 1).values()
-        assert report["omp_wait_policy"] == "ACTIVE"
+        assert server.register("spin.mar", initial_workers=2).status_code == 200
+        reports = placements(server, "spin", 2).values()
+        assert {(r["omp_wait_policy"], r["omp_threads"]) for r in reports} == {("ACTIVE", "3")}
     finally:
         server.stop()
 
