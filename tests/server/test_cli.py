@@ -124,7 +124,10 @@ def test_port_in_use_fails_the_start(tmp_path: Path) -> None:
         busy.listen()
         result = run(server, "--start", timeout=60)
     assert result.returncode == 1
-    assert "failed to start" in result.stderr
+    log = server.root / "logs" / "ts_log.log"
+    assert result.stderr.strip() == f"serve: error: marserve failed to start; see {log} and marserve.log there"
+    assert f"('127.0.0.1', {server.ports[1]}): address already in use" in log.read_text()
+    assert "Traceback" not in (server.root / "logs" / "marserve.log").read_text()
 
 
 def _children(pid: int) -> list[int]:
