@@ -29,14 +29,15 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import httpx
 
 from archiver import one_line
 
 from .errors import BadRequest, ServerError
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 10.0  # s, also for resolving the host
@@ -133,6 +134,8 @@ async def download(url: str, destination: Path, *, allowed: Callable[[str], bool
 
 
 async def _fetch(url: str, sink: IO[bytes], allowed: Callable[[str], bool], max_size: int) -> None:
+    import httpx  # here and below, not at the top: most servers never download, and it costs 0.1 s of start-up
+
     timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
     # trust_env=False: no proxy (it would resolve the host itself), no .netrc credentials. The
     # certificate authorities stay httpx's usual ones: certifi's, or SSL_CERT_FILE / SSL_CERT_DIR.
@@ -154,6 +157,8 @@ async def _fetch(url: str, sink: IO[bytes], allowed: Callable[[str], bool], max_
 @contextlib.asynccontextmanager
 async def _get(client: httpx.AsyncClient, url: str, target: httpx.URL) -> AsyncIterator[httpx.Response]:
     """GET ``target`` from an address that passed the checks; the body is left to read."""
+    import httpx
+
     host = target.raw_host.decode("ascii")
     port = target.port or (443 if target.scheme == "https" else 80)
     failure: Exception | None = None
@@ -205,6 +210,8 @@ async def _checked_addresses(url: str, host: str, port: int) -> list[str]:
 
 
 def _redirect_target(url: str, current: httpx.URL, location: str, allowed: Callable[[str], bool]) -> httpx.URL:
+    import httpx
+
     try:
         target = current.join(location)
     except httpx.InvalidURL:
@@ -223,6 +230,8 @@ def _origin(url: httpx.URL) -> tuple[str, str, int]:
 
 
 async def _save(url: str, host: str, response: httpx.Response, sink: IO[bytes], max_size: int) -> None:
+    import httpx
+
     too_big = f"the archive is larger than max_download_size ({max_size} bytes)"
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_size:
@@ -240,6 +249,8 @@ async def _save(url: str, host: str, response: httpx.Response, sink: IO[bytes], 
 
 
 def _describe(exc: Exception, host: str) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectTimeout):
         return f"could not connect to {host} within {CONNECT_TIMEOUT:g} s"
     if isinstance(exc, httpx.ReadTimeout):
