@@ -12,6 +12,8 @@ import time
 import traceback
 from typing import Any
 
+import orjson
+
 from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
@@ -58,9 +60,32 @@ def encode_output(value: Any) -> tuple[bytes | bytearray | memoryview, str | Non
         buffer = io.BytesIO()
         torch.save(value, buffer)
         return buffer.getvalue(), None
+    return to_json(value), "application/json"
+
+
+#: Types the standard library's encoder refuses and orjson would quietly serialize: left to the
+#: former, so that what a handler may return is what it may return in TorchServe.
+_JSON_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def to_json(value: Any) -> bytes:
+    """TorchServe's two-space JSON of a handler output.
+
+    orjson writes it about 30 times faster than ``json.dumps(indent=2)``, which is a real share of a
+    small model's batch (50 us an output). It writes floats in its own shortest form
+    (``1.2e-7``, ``0.000012``), which parse to the same numbers, and text as UTF-8. What it would
+    change, rather than only spell differently, goes to the standard library: NaN and infinities
+    (orjson writes ``null``), non-string keys, integers past 64 bits, subclasses and lone surrogates.
+    """
     try:
-        return json.dumps(value, indent=2).encode(), "application/json"
-    except (TypeError, ValueError) as exc:
+        encoded = orjson.dumps(value, option=orjson.OPT_INDENT_2 | _JSON_PASSTHROUGH)
+        if b"null" not in encoded:
+            return encoded
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return json.dumps(value, indent=2).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
         print(f"handler output is not serializable: {exc}", file=sys.stderr)
         raise BatchError(503, "Unsupported model output data type.") from None
 
