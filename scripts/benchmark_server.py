@@ -468,8 +468,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         held = rss.get(server.name)
         print(f"| {server.name} | {server.startup_seconds:.2f} | {f'{held:.0f}' if held else 'n/a (no echo scenario)'} |")
     print(
-        "\nother load: CPU used meanwhile by processes outside the measurement, in % of all cores; "
-        "a row measured while it is high is not comparable."
+        "\nother load: CPU used meanwhile by anything outside the measurement, in % of all cores, the "
+        "hypervisor's steal time included (on a shared VM, most of it); a row measured while it is high "
+        "is not comparable."
     )
 
 
