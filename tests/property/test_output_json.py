@@ -39,7 +39,7 @@ def _canonical(text: str | bytes) -> str:
 
 
 def _layout(text: str) -> list[int]:
-    return [len(line) - len(line.lstrip(" ")) for line in text.splitlines()]
+    return [len(line) - len(line.lstrip(" ")) for line in text.split("\n")]  # not splitlines: U+0085 is text
 
 
 @SETTINGS
@@ -58,8 +58,18 @@ def test_nan_stays_nan_rather_than_becoming_null() -> None:
     assert to_json([float("nan"), float("inf")]) == b"[\n  NaN,\n  Infinity\n]"
 
 
-@pytest.mark.parametrize("value", [object(), {1j: 1}, [{1, 2}]])
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value", [object(), {1j: 1}, [{1, 2}], _nested(100_000)], ids=["object", "complex key", "set", "deep"]
+)
 def test_what_no_encoder_takes_is_the_unsupported_type_error(value: Any) -> None:
+    # A nesting too deep for either encoder must not escape as a RecursionError: that would end the worker.
     with pytest.raises(BatchError) as caught:
         to_json(value)
     assert (caught.value.code, caught.value.message) == (503, "Unsupported model output data type.")
