@@ -49,8 +49,8 @@ class VisionHandler(BaseHandler):
         """Decode each request, transform it, and stack the batch on the model's device."""
         spec = self._active_fast_path()
         rows = list(data)
-        threads = self._decode_threads(rows)
-        if threads > 1 and len(rows) > 1:
+        threads = self._decode_threads(rows) if len(rows) > 1 else 1
+        if threads > 1:
             decoded = list(images.decode_pool(threads).map(lambda row: self._decode(row, spec), rows))
         else:
             decoded = [self._decode(row, spec) for row in rows]

@@ -17,7 +17,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +66,10 @@ class TokenAuth:
             return False
         key = self._keys[kind]
         return hmac.compare_digest(match.group(1), key.value) and self._clock() < key.expires_at
+
+    def allows_request(self, kind: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether a request's raw headers (lower-cased names, as servers parse them) carry the key."""
+        return self.allows(kind, next((v for k, v in headers if k == b"authorization"), None))
 
     def rotate(self, kind: str) -> None:
         """A new ``kind`` key (management or inference) with a fresh expiry; the file follows."""
@@ -132,8 +136,7 @@ class RequireToken:
         if scope["type"] == "http":
             kind = self.key_for(scope)
             if kind is not None:
-                header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-                if not self.auth.allows(kind, header):
+                if not self.auth.allows_request(kind, scope["headers"]):
                     await self.refuse(scope, receive, send)
                     return
         await self.app(scope, receive, send)

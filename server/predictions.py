@@ -155,10 +155,8 @@ class Prediction:
         except PayloadTooLarge as error:
             return error
         auth = self.service.auth
-        if auth is not None:
-            authorization = next((v for k, v in self.headers if k == b"authorization"), None)
-            if not auth.allows(INFERENCE, authorization):
-                return Unauthorized(REFUSED)
+        if auth is not None and not auth.allows_request(INFERENCE, self.headers):
+            return Unauthorized(REFUSED)
         return None
 
     # -- fed by the connection -------------------------------------------------------------------

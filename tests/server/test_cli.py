@@ -55,6 +55,9 @@ def test_background_start_second_start_and_stop(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (server.root / "logs" / "marserve.log").read_text()
             time.sleep(0.1)
         pid = int((server.tmp / ".marserve.pid").read_text())
+        assert f"marserve started (pid {pid})" in started.stdout
+        # Detached in a session of its own: a hang-up or Ctrl-C on the caller's terminal never reaches it.
+        assert os.getsid(pid) == pid
         workers = [p for p in _children(pid) if b"server.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert workers
     finally:
