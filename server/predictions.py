@@ -240,24 +240,28 @@ class Prediction:
 
     def _reply(self, reply: Reply) -> None:
         try:
+            status_line = _status_line(reply.status, reply.phrase)
             if reply.headers:
                 head = _handler_head(reply, self.request_id)
             else:
                 # The common case: only a content type (or none) to add to our own headers.
-                head = NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode()
+                head = self._own_head()
                 if reply.content_type:
                     head += _header_line("content-type", reply.content_type)
         except ValueError as exc:
-            self._fail(ServerError(f"The handler set an invalid response header: {exc}"))
+            self._fail(ServerError(f"The handler set an invalid {exc}"))
             return
-        self._send(reply.status, head, reply.body)
+        self._send(reply.status, status_line, head, reply.body)
 
     def _fail(self, error: ServerError) -> None:
-        head = NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode() + _JSON
+        head = self._own_head() + _JSON
         head += b"".join(_header_line(k.lower(), v) for k, v in error.headers.items())
-        self._send(error.status_code, head, error.body())
+        self._send(error.status_code, _status_line(error.status_code), head, error.body())
 
-    def _send(self, status: int, head: bytes, body: bytes) -> None:
+    def _own_head(self) -> bytes:
+        return NO_CACHE_LINES + b"x-request-id: %s\r\n" % self.request_id.encode()
+
+    def _send(self, status: int, status_line: bytes, head: bytes, body: bytes) -> None:
         if self.response_complete:
             return
         connection = self.connection
@@ -266,7 +270,7 @@ class Prediction:
             close = b"" if self.keep_alive else b"connection: close\r\n"
             transport.write(
                 b"".join((
-                    _status_line(status), connection.default_headers(), head,
+                    status_line, connection.default_headers(), head,
                     b"content-length: %d\r\n" % len(body), close, b"\r\n",
                     b"" if self.method == "HEAD" else body,
                 ))
@@ -307,22 +311,31 @@ def _handler_head(reply: Reply, request_id: str) -> bytes:
 def _header_line(name: str, value: str) -> bytes:
     """``name: value`` as a head line; ValueError naming the header if it is not valid HTTP."""
     if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-        raise ValueError(repr(name))
+        raise ValueError(f"response header: {name!r}")
     try:
         return f"{name}: {value}\r\n".encode("latin-1")
     except UnicodeEncodeError:
-        raise ValueError(repr(name)) from None
+        raise ValueError(f"response header: {name!r}") from None
 
 
 _STATUS_LINES: dict[int, bytes] = {}
 
 
-def _status_line(status: int) -> bytes:
+def _status_line(status: int, phrase: str = "") -> bytes:
+    """The response's first line, with the handler's reason phrase if it set one (as TorchServe
+    sends it), else the standard one; ValueError if the phrase is not valid HTTP."""
+    if phrase:
+        if _BAD_VALUE.search(phrase):
+            raise ValueError(f"reason phrase: {phrase!r}")
+        try:
+            return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise ValueError(f"reason phrase: {phrase!r}") from None
     line = _STATUS_LINES.get(status)
     if line is None:
         try:
-            phrase = http.HTTPStatus(status).phrase
+            standard = http.HTTPStatus(status).phrase
         except ValueError:
-            phrase = ""
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+            standard = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {standard}\r\n".encode()
     return line

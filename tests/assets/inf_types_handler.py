@@ -3,7 +3,7 @@
 Request headers also steer the response, so tests can check that per-request status, content
 type and headers set through the context reach the HTTP response:
 ``X-Set-Status: 201 Created``, ``X-Set-Content-Type: text/csv``, ``X-Set-Header: name=value``
-(the value's backslash escapes are decoded, so a test can ask for a line break).
+(the phrase's and the header value's backslash escapes are decoded, so a test can ask for a line break).
 """
 
 import hashlib
@@ -29,7 +29,7 @@ def handle(data, context):
         status = context.get_request_header(idx, "X-Set-Status")
         if status:
             code, _, phrase = status.partition(" ")
-            context.set_response_status(int(code), phrase, idx)
+            context.set_response_status(int(code), phrase.encode().decode("unicode_escape"), idx)
         content_type = context.get_request_header(idx, "X-Set-Content-Type")
         if content_type:
             context.set_response_content_type(idx, content_type)

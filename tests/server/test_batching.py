@@ -316,7 +316,7 @@ def test_each_request_in_a_batch_keeps_its_headers_status_and_id(srv: Server) ->
                         content=f"row-{i}".encode(),
                         headers={
                             "X-Custom": f"custom-{i}",
-                            "X-Set-Status": f"{200 + i} Row",
+                            "X-Set-Status": f"{200 + i} Row {i}",
                             "X-Set-Header": f"X-Row=r{i}",
                         },
                     )
@@ -326,6 +326,7 @@ def test_each_request_in_a_batch_keeps_its_headers_status_and_id(srv: Server) ->
 
     for i, response in enumerate(asyncio.run(send())):
         assert response.status_code == 200 + i
+        assert response.reason_phrase == f"Row {i}"
         answer = response.json()
         assert answer["batch"] == 4
         assert answer["params"]["body"]["value"] == f"row-{i}"

@@ -297,6 +297,7 @@ def test_handler_sets_status_content_type_and_headers(api: Server) -> None:
         headers={"X-Set-Status": "201 Made it", "X-Set-Content-Type": "text/csv", "X-Set-Header": "X-Model-Note=noted"},
     )
     assert response.status_code == 201
+    assert response.reason_phrase == "Made it"
     assert response.headers["content-type"] == "text/csv"
     assert response.headers["x-model-note"] == "noted"
     assert response.headers["x-request-id"] == response.json()["request_id"]

@@ -130,6 +130,13 @@ def test_handler_header_with_a_line_break_is_a_500_not_a_forged_header(srv: Serv
     assert "x-forged" not in response.headers and "x-note" not in response.headers
 
 
+def test_handler_reason_phrase_with_a_line_break_is_a_500_not_a_forged_header(srv: Server) -> None:
+    response = srv.predict("types", headers={"X-Set-Status": r"200 Fine\r\nX-Forged: yes"})
+    assert response.status_code == 500
+    assert response.json()["message"] == r"The handler set an invalid reason phrase: 'Fine\r\nX-Forged: yes'"
+    assert "x-forged" not in response.headers
+
+
 def test_handler_cannot_set_the_response_framing(srv: Server) -> None:
     response = srv.predict("types", headers={"X-Set-Header": "Content-Length=1"})
     assert response.status_code == 200
