@@ -8,13 +8,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import inference_api, management_api
-from .access_log import AccessLog
-from .auth import API, INFERENCE, MANAGEMENT, RequireToken, TokenAuth
+from . import inference_api
+from .apis import management as management_api
+from .http.access_log import AccessLog
+from .http.auth import API, INFERENCE, MANAGEMENT, RequireToken, TokenAuth
 from .http import EXCEPTION_HANDLERS, LimitRequestBody, ObserveResponses, json_response
-from .metrics import Metrics
-from .openapi import metrics_openapi
-from .registry import ModelRegistry
+from .metrics.recording import Metrics
+from .apis.openapi import metrics_openapi
+from .models.registry import ModelRegistry
 
 
 # Open without a token: the API descriptions (as in TorchServe) and, on the inference port, /ping,

@@ -20,7 +20,7 @@ import click
 from .config import ConfigError, ServerConfig, load_config
 
 if TYPE_CHECKING:
-    from .snapshot import SnapshotPlan
+    from .models.snapshot import SnapshotPlan
 
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
@@ -128,7 +128,7 @@ def _config(options: dict[str, Any]) -> ServerConfig:
 
 
 def _snapshots(config: ServerConfig, ncs: bool) -> SnapshotPlan:
-    from .snapshot import SnapshotError, plan_snapshots
+    from .models.snapshot import SnapshotError, plan_snapshots
 
     try:
         return plan_snapshots(config, enabled=not ncs)

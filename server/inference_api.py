@@ -13,11 +13,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .access_log import AccessLog
+from .http.access_log import AccessLog
 from .http import EXCEPTION_HANDLERS, LimitRequestBody, ObserveResponses, json_response
-from .metrics import Metrics
-from .openapi import for_model, inference_openapi
-from .registry import ModelRegistry
+from .metrics.recording import Metrics
+from .apis.openapi import for_model, inference_openapi
+from .models.registry import ModelRegistry
 
 
 def create_app(registry: ModelRegistry, metrics: Metrics, access_log: AccessLog) -> ASGIApp:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .access_log import AccessLog, NoAccessLog
+from .http.access_log import AccessLog, NoAccessLog
 from .config import ServerConfig
 
 

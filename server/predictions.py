@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .access_log import AccessLog
-from .auth import INFERENCE, REFUSED, TokenAuth
-from .batching import Job, Reply
+from .http.access_log import AccessLog
+from .http.auth import INFERENCE, REFUSED, TokenAuth
+from .models.batching import Job, Reply
 from .errors import PayloadTooLarge, ServerError, Unauthorized
-from .forms import request_params
+from .http.forms import request_params
 from .http import NO_CACHE, NO_CACHE_LINES, body_too_large, check_content_length
-from .metrics import Metrics
-from .registry import ModelRegistry
+from .metrics.recording import Metrics
+from .models.registry import ModelRegistry
 
 log = logging.getLogger("marserve.inference")
 

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import uvicorn
 
-from .access_log import AccessLog, NoAccessLog
+from .http.access_log import AccessLog, NoAccessLog
 from .apps import create_inference_app, create_management_app, create_metrics_app, serve_both
-from .auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
+from .http.auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
 from .config import Address, ServerConfig
 from .connections import HttpProtocol
-from .gpu import detect_gpu_count
-from .metrics import Metrics, NoMetrics
-from .model import Observer
+from .workers.placement import detect_gpu_count
+from .metrics.recording import Metrics, NoMetrics
+from .models.version import Observer
 from .predictions import PredictionService
-from .system_metrics import SystemMetrics
-from .registry import ModelRegistry, RegisterRequest
-from .snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
+from .metrics.system import SystemMetrics
+from .models.registry import ModelRegistry, RegisterRequest
+from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
 
 log = logging.getLogger("marserve")
 

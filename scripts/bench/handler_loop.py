@@ -2,7 +2,7 @@
 
 Run by benchmark_server.py in a subprocess, so that it gets what a served worker gets: one
 process, the same torch thread count (OMP_NUM_THREADS, set by the caller before torch is
-imported), and the handler loaded the way server/worker/main.py loads it. Prints one JSON line.
+imported), and the handler loaded the way server/workers/child/main.py loads it. Prints one JSON line.
 
     python scripts/bench/handler_loop.py --archive store/m.mar --body photo.jpg --batch-size 8 --seconds 10
 """
@@ -37,13 +37,13 @@ def main() -> int:
     import handlers
     from archiver import open_archive
     from handlers.context import Context, RequestHeaders, RequestProcessor
-    from server.worker.loader import load_handler
+    from server.workers.child.loader import load_handler
 
     archive = open_archive(Path(args.archive).resolve())
     try:
         manifest = archive.manifest.model_dump(by_alias=True, exclude_none=True)
         model_dir = str(archive.model_dir)
-        # As server/worker/main.py _load: cwd, the ts shim and the model dir on sys.path.
+        # As server/workers/child/main.py _load: cwd, the ts shim and the model dir on sys.path.
         os.chdir(model_dir)
         sys.path.insert(0, handlers.COMPAT_PATH)
         sys.path.insert(0, model_dir)

@@ -89,7 +89,7 @@ def recording_cost(requests: int = 100_000) -> tuple[float, float]:
     The end-to-end comparison above is at the mercy of a shared machine's noise; this is the
     work itself, measured in one process.
     """
-    from server.metrics import Metrics, NoMetrics
+    from server.metrics.recording import Metrics, NoMetrics
 
     def per_request(metrics: Metrics) -> float:
         report = {"handler_ms": 0.05, "prediction_ms": 0.04}

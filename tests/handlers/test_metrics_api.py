@@ -21,7 +21,7 @@ from handlers.metrics import (
     MetricsCacheValueError,
     MetricTypes,
 )
-from server.worker.service import Service
+from server.workers.child.service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
 TS_PYTHON = ROOT / ".venv-torchserve" / "bin" / "python"

@@ -16,7 +16,7 @@ import torch
 
 import handlers
 from handlers.context import Context
-from server.worker.loader import load_handler
+from server.workers.child.loader import load_handler
 from tests.handlers.conftest import encode, make_context, run_batch, sample_image, write_model_file
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"

@@ -1,4 +1,4 @@
-"""Property tests of the worker's JSON for handler outputs (server/worker/service.py to_json).
+"""Property tests of the worker's JSON for handler outputs (server/workers/child/service.py to_json).
 
 It is orjson's rather than ``json.dumps(indent=2)``'s, as TorchServe writes it: for any output
 both accept, it must read back as the same value, laid out line for line the same.
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.worker.service import BatchError, to_json
+from server.workers.child.service import BatchError, to_json
 
 SETTINGS = settings(max_examples=400, deadline=None)
 

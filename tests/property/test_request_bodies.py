@@ -16,8 +16,8 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from server.errors import BadRequest
-from server.forms import MAX_FIELDS, MAX_PARTS, parse_multipart, parse_urlencoded, request_params
-from server.worker.service import decode_value
+from server.http.forms import MAX_FIELDS, MAX_PARTS, parse_multipart, parse_urlencoded, request_params
+from server.workers.child.service import decode_value
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.auth import TokenAuth, is_loopback, tokens_required
+from server.http.auth import TokenAuth, is_loopback, tokens_required
 from server.config import ServerConfig
 from tests.conftest import Server, make_mar, wait_for
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.batching import Job, JobQueue, QueueFull, collect_batch
+from server.models.batching import Job, JobQueue, QueueFull, collect_batch
 from tests.conftest import Server, make_mar
 
 

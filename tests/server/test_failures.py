@@ -153,7 +153,7 @@ def test_handler_error_fails_the_whole_batch(srv: Server) -> None:
 
 
 def test_restart_backoff_grows_as_fibonacci_up_to_its_cap() -> None:
-    from server.model import _MAX_BACKOFF, _backoff
+    from server.models.version import _MAX_BACKOFF, _backoff
 
     assert [_backoff(n) for n in range(8)] == [0, 1, 1, 2, 3, 5, 8, 13]
     assert _backoff(100) == _MAX_BACKOFF

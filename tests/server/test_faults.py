@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from archiver import MANIFEST_PATH
-from server.model import no_worker_message
+from server.models.version import no_worker_message
 from tests.conftest import Server, alive, make_mar, zip_archive
 
 REQUEST_TIMEOUT = 30.0  # a request unanswered this long has hung

@@ -192,7 +192,7 @@ def test_json_log_format(tmp_path: Path) -> None:
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None:
-    from server.metrics import Metrics
+    from server.metrics.recording import Metrics
 
     metrics = Metrics(hostname="h")
     for seconds in (0.0005, 0.0006, 0.001, 120.0):

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from server import protocol
-from server.workers import WorkerChannel
+from server.workers import frames as protocol
+from server.workers.process import WorkerChannel
 
 META: dict[str, Any] = {"requests": [{"id": "r1", "headers": [["x-a", "é"]], "params": [["body", None, 3]]}]}
 

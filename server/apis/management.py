@@ -11,13 +11,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .auth import ROTATABLE, TokenAuth
-from .errors import BadRequest, MethodNotAllowed
-from .http import NO_CACHE, json_response, status_response
-from .model import ModelVersion
+from ..http.auth import ROTATABLE, TokenAuth
+from ..errors import BadRequest, MethodNotAllowed
+from ..http import NO_CACHE, json_response, status_response
+from ..models.version import ModelVersion
 from .openapi import for_model, management_openapi
-from .registry import ModelRegistry, RegisterRequest
-from .system_metrics import rss_bytes
+from ..models.registry import ModelRegistry, RegisterRequest
+from ..metrics.system import rss_bytes
 
 async def _params(request: Request) -> dict[str, str]:
     """Query-string parameters, or a JSON body's when the client sends one (TorchServe accepts both)."""

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol
-from .batching import Job, Reply
+from . import frames as protocol
+from ..models.batching import Job, Reply
 
 log = logging.getLogger("marserve.worker")
 
@@ -137,7 +137,7 @@ class WorkerProcess:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.worker", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+                sys.executable, "-m", "server.workers.child", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
                 pass_fds=[theirs.fileno()],
                 cwd=self.spec.model_dir,
                 env=env,

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import BadRequest, InvalidModel
+from ..errors import BadRequest, InvalidModel
 
 log = logging.getLogger("marserve.dependencies")
 

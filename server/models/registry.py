@@ -15,10 +15,10 @@ from typing import Any
 
 from archiver import ArchiveError, ExtractLimits, ModelArchive, check_model_name, open_archive
 
-from .config import ConfigError, ServerConfig, parse_model_yaml
+from ..config import ConfigError, ServerConfig, parse_model_yaml
 from .dependencies import install_requirements, requirements_path
 from .download import DownloadFailed, archive_file_name, download
-from .errors import (
+from ..errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -29,8 +29,8 @@ from .errors import (
     NotFound,
     RequestTimeout,
 )
-from .model import ModelSettings, ModelVersion, Observer, WorkerSlot
-from .workers import LoadSpec, WorkerLoadError
+from .version import ModelSettings, ModelVersion, Observer, WorkerSlot
+from ..workers.process import LoadSpec, WorkerLoadError
 
 log = logging.getLogger("marserve.registry")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access_log import AccessLog
-from .config import Address, ServerConfig
-from .errors import Unauthorized
-from .http import ObserveResponses, StatusCounter, error_response
+from ..config import Address, ServerConfig
+from ..errors import Unauthorized
+from . import ObserveResponses, StatusCounter, error_response
 
 KEY_FILE_NAME = "key_file.json"
 INFERENCE = "inference"

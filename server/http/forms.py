@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 
 from python_multipart.multipart import MultipartParseError, MultipartParser
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 # Form caps: a form with thousands of parts is an attack, not an inference request. Each part's
 # size is bounded by max_request_size, and its header block by python-multipart (8 headers of at

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from archiver import one_line
 
-from .errors import BadRequest, ServerError
+from ..errors import BadRequest, ServerError
 
 if TYPE_CHECKING:
     import httpx

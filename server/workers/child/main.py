@@ -1,4 +1,4 @@
-"""Worker process entry point: ``python -m server.worker --fd N``.
+"""Worker process entry point: ``python -m server.workers.child --fd N``.
 
 The frontend hands the worker one end of a socket pair as file descriptor N. The worker
 reads a LOAD frame, loads the handler, answers LOADED, then serves PREDICT frames one at a
@@ -22,7 +22,7 @@ import handlers
 from handlers.context import Context
 from handlers.metrics import DEFAULT_MODEL_METRICS, MetricsCache
 
-from .. import protocol
+from .. import frames as protocol
 from .loader import load_handler
 from .service import Service
 
@@ -77,7 +77,7 @@ def _load_failure(exc: BaseException) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.worker")
+    parser = argparse.ArgumentParser(prog="python -m server.workers.child")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)

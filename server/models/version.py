@@ -12,8 +12,8 @@ from typing import Any, Callable
 from archiver import ModelArchive
 
 from .batching import Job, JobQueue, QueueFull, collect_batch
-from .errors import InternalServerError, ServerError, ServiceUnavailable, worker_died
-from .workers import BatchFailed, LoadSpec, WorkerDied, WorkerLoadError, WorkerProcess
+from ..errors import InternalServerError, ServerError, ServiceUnavailable, worker_died
+from ..workers.process import BatchFailed, LoadSpec, WorkerDied, WorkerLoadError, WorkerProcess
 
 log = logging.getLogger("marserve.model")
 

@@ -39,8 +39,8 @@ from pydantic import (
 
 from archiver import one_line
 
-from .config import ServerConfig
-from .errors import ServerError
+from ..config import ServerConfig
+from ..errors import ServerError
 from .registry import ModelRegistry, RegisterRequest
 
 log = logging.getLogger("marserve.snapshot")

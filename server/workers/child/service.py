@@ -17,8 +17,8 @@ import orjson
 from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
-from ..errors import InternalServerError
-from ..protocol import split
+from ...errors import InternalServerError
+from ..frames import split
 from .loader import Entry
 
 

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access_log import AccessLog
-from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, ServerError
 
 log = logging.getLogger("marserve.http")
 
