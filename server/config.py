@@ -2,8 +2,8 @@
 
 Precedence is TorchServe's: file < CLI overrides < ``TS_<KEY>`` env vars, the last only when
 ``enable_envvars_config=true``. Nothing here reads ``os.environ``: callers pass the environment.
-Keys marserve does not use (gRPC, JVM, Netty, keystore, Intel launcher, ...) and unknown keys end
-up in ``ServerConfig.ignored_keys`` for the caller to warn about; TorchServe ignores them too.
+Keys marserve does not use (gRPC, JVM, Netty, keystore, Intel launcher, workflows, ...) and unknown
+keys end up in ``ServerConfig.ignored_keys``; ``key_warnings`` words one warning for each.
 
 Deviations from TorchServe 0.12 (DEV), each deliberate:
 
@@ -21,6 +21,7 @@ Deviations from TorchServe 0.12 (DEV), each deliberate:
 - Strict values: booleans must be ``true``/``false`` (any case; Java reads anything else as
   false), integers must be integers within range, choices must be listed ones, and a wrongly
   typed model-YAML value is an error (TorchServe ignores it with a warning). Timeouts must be >= 1.
+  Every bad value is named in the one-line error, not only the first.
 - Addresses: ``unix:`` sockets are not supported; bracketed IPv6 hosts (``http://[::1]:8080``)
   are, which TorchServe's address pattern cannot parse.
 - The file is read as UTF-8 (Java's ``Properties.load`` reads ISO-8859-1; same for ASCII files).
@@ -31,16 +32,26 @@ Deviations from TorchServe 0.12 (DEV), each deliberate:
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from os import PathLike
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Json,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -50,9 +61,12 @@ class ConfigError(Exception):
         super().__init__(" ".join(message.splitlines()))
 
 
-def _invalid(key: str, value: object, expected: str, where: str = "") -> ConfigError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return ConfigError(f"invalid value for {key}{where}: {shown} ({expected})")
+def _shown(value: object) -> str:
+    return repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+
+
+def _invalid(key: str, value: object, expected: str) -> str:
+    return f"invalid value for {key}: {_shown(value)} ({expected})"
 
 
 # ---------------------------------------------------------------- Java .properties syntax
@@ -76,7 +90,7 @@ def _logical_lines(text: str) -> Iterator[str]:
         # Only a fresh line can be a comment, and a comment never continues.
         if not line or line[0] in "#!":
             continue
-        parts = []
+        parts: list[str] = []
         while _continues(line):
             parts.append(line[:-1])
             line = lines[i].lstrip(_WS) if i < len(lines) else ""
@@ -190,170 +204,128 @@ class Address(BaseModel):
     @classmethod
     def parse(cls, text: str, key: str = "inference_address") -> Address:
         """Parse ``http(s)://host[:port]``; ``key`` picks the default port and names errors."""
-        text = text.strip()
-        if text.lower().startswith("unix:"):
-            raise _invalid(key, text, "unix: sockets are not supported; use http(s)://host:port")
-        match = _ADDRESS.fullmatch(text)
-        if match is None:
-            raise _invalid(key, text, "expected http(s)://host[:port]")
-        host = match["host"] or match["ipv6"]
-        if match["ipv6"] is not None:
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise _invalid(key, text, "bad IPv6 address") from None
-        scheme = match["scheme"].lower()
-        if match["port"] is None:
-            port = _DEFAULT_PORTS.get(key, (80, 443))[scheme == "https"]
-        else:
-            port = int(match["port"])
-            if port > 65535:
-                raise _invalid(key, text, "port must be 0-65535")
-        return cls(scheme=scheme, host=host, port=port)
+        try:
+            return _address(text, key)
+        except ValueError as exc:
+            raise ConfigError(_invalid(key, text.strip(), str(exc))) from None
 
 
-# ---------------------------------------------------------------- value converters
-# Each takes (key, value): a string from a file or env var, or an already-typed Python value.
+def _address(text: str, key: str) -> Address:
+    # ValueError, so that pydantic gathers it with the other bad values.
+    text = text.strip()
+    if text.lower().startswith("unix:"):
+        raise ValueError("unix: sockets are not supported; use http(s)://host:port")
+    match = _ADDRESS.fullmatch(text)
+    if match is None:
+        raise ValueError("expected http(s)://host[:port]")
+    host = match["host"] or match["ipv6"]
+    if match["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("bad IPv6 address") from None
+    ssl = match["scheme"].lower() == "https"
+    port = _DEFAULT_PORTS.get(key, (80, 443))[ssl] if match["port"] is None else int(match["port"])
+    if port > 65535:
+        raise ValueError("port must be 0-65535")
+    return Address(scheme="https" if ssl else "http", host=host, port=port)
 
 
-def _using(parse: Callable[[str, Any], Any]) -> BeforeValidator:
-    # ConfigError is not a ValueError, so pydantic lets it through unchanged.
-    return BeforeValidator(lambda value, info: parse(info.field_name, value))
+# ---------------------------------------------------------------- value types
+# Values arrive as text (file, env) or typed (CLI overrides, Python callers). pydantic checks types,
+# ranges and choices; the validators below only bring text to the form it checks, and say what
+# pydantic cannot: Java's booleans, addresses, comma lists, regexes.
 
 
-def _to_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise _invalid(key, value, "expected true or false")
+def _blank_is(default: object) -> BeforeValidator:
+    """Text is stripped; blank text (``key=``) stands for ``default``."""
+    return BeforeValidator(lambda v: (v.strip() or default) if isinstance(v, str) else v)
 
 
-def _to_opt_bool(key: str, value: Any) -> bool | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return _to_bool(key, value)
+def _folded(fold: Callable[[str], str]) -> BeforeValidator:
+    """Choices are matched in any case and reported as listed."""
+    return BeforeValidator(lambda v: fold(v.strip()) if isinstance(v, str) else v)
 
 
-def _int_parser(minimum: int, optional: bool = False) -> Callable[[str, Any], int | None]:
-    def parse(key: str, value: Any) -> int | None:
-        if optional and (value is None or (isinstance(value, str) and not value.strip())):
-            return None
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _invalid(key, value, "expected an integer")
-        if value < minimum:
-            raise _invalid(key, value, f"expected an integer >= {minimum}")
-        return value
-
-    return parse
+def _int_text(value: object) -> object:
+    # Strict int refuses all text; lax int would also take "5.0", "1_000", 5.0 and True.
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        return int(value)
+    return value
 
 
-def _to_opt_str(key: str, value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return (value or "").strip() or None
-    raise _invalid(key, value, "expected a string")
-
-
-def _to_opt_path(key: str, value: Any) -> Path | None:
-    if isinstance(value, PathLike):
-        return Path(value)
-    text = _to_opt_str(key, value)
-    return None if text is None else Path(text)
-
-
-def _to_path(key: str, value: Any) -> Path:
-    path = _to_opt_path(key, value)
-    if path is None:
-        raise _invalid(key, value, "expected a path")
-    return path
-
-
-def _choice(
-    *choices: str, optional: bool = False, upper: bool = False
-) -> Callable[[str, Any], str | None]:
-    def parse(key: str, value: Any) -> str | None:
-        text = _to_opt_str(key, value)
-        if text is None and optional:
-            return None
-        text = (text or "").upper() if upper else (text or "").lower()
-        if text not in choices:
-            raise _invalid(key, value, "expected one of " + ", ".join(choices))
-        return text
-
-    return parse
-
-
-def _to_address(key: str, value: Any) -> Address:
-    if isinstance(value, Address):
-        return value
-    if not isinstance(value, str):
-        raise _invalid(key, value, "expected http(s)://host[:port]")
-    return Address.parse(value, key)
-
-
-def _to_list(key: str, value: Any) -> list[str]:
+def _java_bool(value: object) -> object:
+    # pydantic's lax bool would take yes/on/1, which Java reads as false.
     if isinstance(value, str):
-        value = value.split(",")  # TorchServe splits on every comma, regexes included
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _invalid(key, value, "expected a comma-separated list")
-    return [item.strip() for item in value if item.strip()]
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    return value
 
 
-def _compile(key: str, pattern: str) -> None:
+def _to_address(value: object, info: ValidationInfo) -> object:
+    return _address(value, info.field_name or "") if isinstance(value, str) else value
+
+
+def _split_commas(value: object) -> object:
+    return value.split(",") if isinstance(value, str) else value  # TorchServe splits regexes too
+
+
+def _drop_blank(items: list[str]) -> list[str]:
+    return [item.strip() for item in items if item.strip()]
+
+
+def _regex(pattern: str) -> str:
     try:
         re.compile(pattern)
-    except re.error as exc:
-        raise _invalid(key, pattern, f"bad regular expression: {exc}") from None
-
-
-def _to_regex_list(key: str, value: Any) -> list[str]:
-    patterns = _to_list(key, value)
-    for pattern in patterns:
-        _compile(key, pattern)
-    return patterns
-
-
-def _to_regex(key: str, value: Any) -> str:
-    pattern = _to_opt_str(key, value) or ""
-    _compile(key, pattern)
+    # Deep nesting overflows the parser's stack; a huge {n} overflows its counter.
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"bad regular expression {_shown(pattern)}: {exc}") from None
     return pattern
 
 
-def _to_load_models(key: str, value: Any) -> list[str]:
-    models = _to_list(key, value)
+def _all_or_list(models: list[str]) -> list[str]:
     return ["all"] if [m.lower() for m in models] == ["all"] else models
 
 
-def _json_object(nested: bool, optional: bool) -> Callable[[str, Any], dict[str, Any] | None]:
-    expected = "expected a JSON object" + (" of {model: {version: {...}}}" if nested else "")
-
-    def parse(key: str, value: Any) -> dict[str, Any] | None:
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None if optional else {}
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the decoder goes
-                raise _invalid(key, value, f"invalid JSON: {exc}") from None
-        if not isinstance(value, dict) or (
-            nested
-            and not all(
-                isinstance(versions, dict) and all(isinstance(v, dict) for v in versions.values())
-                for versions in value.values()
-            )
-        ):
-            raise _invalid(key, value, expected)
-        return value
-
-    return parse
+Int = Annotated[int, Field(strict=True), BeforeValidator(_int_text)]
+NonNegInt = Annotated[Int, Field(ge=0)]
+PosInt = Annotated[Int, Field(ge=1)]
+Bool = Annotated[bool, Field(strict=True), BeforeValidator(_java_bool)]
+OptStr = Annotated[str | None, _blank_is(None)]
+OptPath = Annotated[Path | None, _blank_is(None)]
+AddressValue = Annotated[Address, BeforeValidator(_to_address)]
+CommaList = Annotated[list[str], BeforeValidator(_split_commas), AfterValidator(_drop_blank)]
 
 
-AddressValue = Annotated[Address, _using(_to_address)]
-Bool = Annotated[bool, _using(_to_bool)]
-NonNegInt = Annotated[int, _using(_int_parser(0))]
-PosInt = Annotated[int, _using(_int_parser(1))]
+# ---------------------------------------------------------------- errors
+
+# What the user gets told, by pydantic error type; others keep pydantic's wording.
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "greater_than_equal": "expected an integer >= {ge}",
+    "bool_type": "expected true or false",
+    "literal_error": "expected {expected}",
+    "string_type": "expected a string",
+    "path_type": "expected a path",
+    "list_type": "expected a list",
+    "dict_type": "expected a JSON object",
+    "json_invalid": "invalid JSON: {error}",
+    "json_type": "expected JSON text",
+    "model_type": "expected http(s)://host[:port]",
+    "value_error": "{error}",
+}
+
+
+def _config_error(exc: ValidationError, where: str = "") -> ConfigError:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "?"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown configuration key: {key}")
+            continue
+        template = _EXPECTED.get(error["type"])
+        expected = template.format(**error.get("ctx", {})) if template else error["msg"]
+        problems.append(_invalid(key + where, error["input"], expected))
+    return ConfigError("; ".join(problems))
 
 
 # ---------------------------------------------------------------- ServerConfig
@@ -364,7 +336,7 @@ TORCHSERVE_ONLY_KEYS = re.compile(
     r"|plugins_path|prefer_direct_buffer|use_native_io|io_ratio|initial_worker_port"
     r"|initial_distribution_port|model_server_home|debug|ipex_.*|cpu_launcher_.*|cpp_log_config"
     r"|async_logging|ts_open_inference_protocol|ts_header_key_sequence_.*|system_metrics_cmd"
-    r"|metrics_config|model_metrics_auto_detect"
+    r"|metrics_config|model_metrics_auto_detect|workflow_store|metric_time_interval"
 )
 
 
@@ -374,21 +346,21 @@ def is_torchserve_only_key(key: str) -> bool:
 
 
 class ServerConfig(BaseModel):
-    """All server settings; field names are the config.properties keys."""
+    """All server settings; field names are the config.properties keys.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Constructing one with a bad value raises ConfigError naming every bad key.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
     inference_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8080)
     management_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8081)
     metrics_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8082)
 
-    model_store: Annotated[Path | None, _using(_to_opt_path)] = None
-    workflow_store: Annotated[Path | None, _using(_to_opt_path)] = None
-    load_models: Annotated[list[str], _using(_to_load_models)] = []
-    models: Annotated[dict[str, Any], _using(_json_object(nested=True, optional=False))] = {}
-    model_snapshot: Annotated[
-        dict[str, Any] | None, _using(_json_object(nested=False, optional=True))
-    ] = None
+    model_store: OptPath = None
+    load_models: Annotated[CommaList, AfterValidator(_all_or_list)] = []
+    models: Annotated[Json[dict[str, dict[str, dict[str, Any]]]], _blank_is("{}")] = {}
+    model_snapshot: Annotated[Json[dict[str, Any]] | None, _blank_is(None)] = None
 
     job_queue_size: PosInt = 100
     default_workers_per_model: NonNegInt = 0  # 0: one per GPU, else one per CPU
@@ -396,7 +368,7 @@ class ServerConfig(BaseModel):
     default_startup_timeout: PosInt = 120
     unregister_model_timeout: PosInt = 120
     # None: all detected; the caller clamps it to what it detects.
-    number_of_gpu: Annotated[int | None, _using(_int_parser(0, optional=True))] = None
+    number_of_gpu: Annotated[NonNegInt | None, _blank_is(None)] = None
 
     max_request_size: PosInt = 6553500
     max_response_size: PosInt = 6553500
@@ -405,50 +377,46 @@ class ServerConfig(BaseModel):
     limit_max_image_pixels: Bool = True
     decode_input_request: Bool = True
     service_envelope: Annotated[
-        Literal["body", "json", "kserve", "kservev2"] | None,
-        _using(_choice("body", "json", "kserve", "kservev2", optional=True)),
+        Literal["body", "json", "kserve", "kservev2"] | None, _folded(str.lower), _blank_is(None)
     ] = None
-    default_service_handler: Annotated[str | None, _using(_to_opt_str)] = None
+    default_service_handler: OptStr = None
     install_py_dep_per_model: Bool = False
     max_download_size: PosInt = 10 << 30  # DEV (new key): bytes an archive download may have
 
-    allowed_urls: Annotated[list[str], _using(_to_regex_list)] = []  # DEV: TorchServe allows any
+    # DEV: empty (TorchServe allows any URL)
+    allowed_urls: Annotated[CommaList, AfterValidator(lambda urls: [_regex(u) for u in urls])] = []
     use_env_allowed_urls: Bool = False
-    blacklist_env_vars: Annotated[str, _using(_to_regex)] = ""
+    blacklist_env_vars: Annotated[str, AfterValidator(_regex)] = ""
     enable_model_api: Bool = True  # DEV: TorchServe false
-    # None (unset): tokens are on exactly when an API listens beyond loopback; see server/auth.py.
-    disable_token_authorization: Annotated[bool | None, _using(_to_opt_bool)] = None  # DEV: TorchServe false
+    # None (unset): tokens are on exactly when an API listens beyond loopback; see server/http/auth.py.
+    disable_token_authorization: Annotated[Bool | None, _blank_is(None)] = None  # DEV: TorchServe false
     token_expiration_min: PosInt = 60
     enable_envvars_config: Bool = False
-    cors_allowed_origin: Annotated[str | None, _using(_to_opt_str)] = None
-    cors_allowed_methods: Annotated[str | None, _using(_to_opt_str)] = None
-    cors_allowed_headers: Annotated[str | None, _using(_to_opt_str)] = None
-    certificate_file: Annotated[Path | None, _using(_to_opt_path)] = None
-    private_key_file: Annotated[Path | None, _using(_to_opt_path)] = None
+    cors_allowed_origin: OptStr = None
+    cors_allowed_methods: OptStr = None
+    cors_allowed_headers: OptStr = None
+    certificate_file: OptPath = None
+    private_key_file: OptPath = None
 
-    metrics_mode: Annotated[
-        Literal["log", "prometheus", "legacy"], _using(_choice("log", "prometheus", "legacy"))
-    ] = "prometheus"  # DEV: TorchServe log
+    # DEV: prometheus (TorchServe: log)
+    metrics_mode: Annotated[Literal["log", "prometheus", "legacy"], _folded(str.lower)] = "prometheus"
     enable_metrics_api: Bool = True
     disable_system_metrics: Bool = False
-    metric_time_interval: PosInt = 60
-    log_location: Annotated[Path, _using(_to_path)] = Path("logs")  # DEV: a key, not only env
-    log_level: Annotated[
-        str, _using(_choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", upper=True))
-    ] = "INFO"
-    log_format: Annotated[Literal["text", "json"], _using(_choice("text", "json"))] = "text"
+    log_location: Annotated[Path, _blank_is(None)] = Path("logs")  # DEV: a key, not only env
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _folded(str.upper)] = "INFO"
+    log_format: Annotated[Literal["text", "json"], _folded(str.lower)] = "text"
 
     ignored_keys: tuple[str, ...] = ()
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _no_unknown_keys(cls, data: Any) -> Any:
-        # Raised here rather than left to extra="forbid" so the error is a one-line ConfigError.
-        if isinstance(data, Mapping):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise ConfigError(f"unknown configuration key: {key}")
-        return data
+    def _one_line_error(cls, data: Any, handler: ModelWrapValidatorHandler[ServerConfig]) -> ServerConfig:
+        # Built directly or by load_config, a bad config fails with one ConfigError; pydantic lets
+        # exceptions other than ValueError out as they are.
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
     @model_validator(mode="after")
     def _https_needs_a_certificate(self) -> ServerConfig:
@@ -460,31 +428,33 @@ class ServerConfig(BaseModel):
 
     @classmethod
     def from_properties(cls, values: Mapping[str, object]) -> ServerConfig:
-        """Build from raw key/values (strings or typed); unknown keys go to ``ignored_keys``."""
+        """Build from raw key/values (text, or typed but for the JSON keys); unknown keys go to ``ignored_keys``."""
         known = {k: v for k, v in values.items() if k in cls.model_fields and k != "ignored_keys"}
-        ignored = tuple(k for k in values if k not in known)
-        try:
-            return cls(**known, ignored_keys=ignored)
-        except ValidationError as exc:
-            raise _from_validation_error(exc) from None
+        return cls.model_validate({**known, "ignored_keys": tuple(k for k in values if k not in known)})
 
     def url_allowed(self, url: str) -> bool:
         """Whether ``url`` fully matches one ``allowed_urls`` regex, ignoring case."""
         return any(re.fullmatch(p, url, re.IGNORECASE) for p in self.allowed_urls)
 
 
-def _from_validation_error(exc: ValidationError, where: str = "") -> ConfigError:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "?"
-    return _invalid(key, error.get("input"), error["msg"], where)
+def key_warnings(config: ServerConfig) -> list[str]:
+    """One warning for each key in ``config.ignored_keys``, for the caller to log at start."""
+    known = [key for key in ServerConfig.model_fields if key != "ignored_keys"]
+    warnings = []
+    for key in config.ignored_keys:
+        if is_torchserve_only_key(key):
+            warnings.append(f"configuration key '{key}' is a TorchServe setting that marserve ignores")
+            continue
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        warnings.append(f"unknown configuration key '{key}' (ignored){hint}")
+    return warnings
 
 
 # ---------------------------------------------------------------- loading
 
 _ENV_RENAMES = {"token_expiration_min": "TS_TOKEN_EXPIRATION_TIME_MIN"}
-_NOT_FROM_ENV = {
-    "models", "model_snapshot", "enable_envvars_config", "metric_time_interval", "ignored_keys"
-}
+_NOT_FROM_ENV = {"models", "model_snapshot", "enable_envvars_config", "ignored_keys"}
 
 
 def env_var_name(key: str) -> str:
@@ -493,14 +463,13 @@ def env_var_name(key: str) -> str:
 
 
 def _from_env(values: Mapping[str, object], env: Mapping[str, str]) -> dict[str, object]:
-    found = {
+    found: dict[str, object] = {
         key: env[env_var_name(key)]
         for key in ServerConfig.model_fields
         if key not in _NOT_FROM_ENV and env_var_name(key) in env
     }
-    merged = {**values, **found}
-    use_env_urls = _to_bool("use_env_allowed_urls", merged.get("use_env_allowed_urls", False))
-    if "allowed_urls" in found and not use_env_urls:
+    # A bad use_env_allowed_urls counts as false here; ServerConfig then reports it.
+    if "allowed_urls" in found and _java_bool({**values, **found}.get("use_env_allowed_urls")) is not True:
         del found["allowed_urls"]
     return found
 
@@ -528,7 +497,8 @@ def load_config(
             raise ConfigError(f"unknown configuration key: {key}")
         if value is not None:
             values[key] = value
-    if _to_bool("enable_envvars_config", values.get("enable_envvars_config", False)):
+    # A bad value counts as false here; ServerConfig then reports it with the others.
+    if _java_bool(values.get("enable_envvars_config")) is True:
         values.update(_from_env(values, env))
     return ServerConfig.from_properties(values)
 
@@ -552,39 +522,15 @@ def resolve_config_path(cli_path: Path | None, env: Mapping[str, str], cwd: Path
 DEFAULT_MAX_RETRY_TIMEOUT_SEC = 300
 DEFAULT_CLIENT_TIMEOUT_MS = 0  # 0: requests never expire in the queue
 
-
-def _yaml(
-    check: Callable[[Any], bool], expected: str, normalize: Callable[[Any], Any] | None = None
-) -> BeforeValidator:
-    def parse(key: str, value: Any) -> Any:
-        if value is None:
-            return None
-        if not check(value):
-            raise _invalid(key, value, expected, " in model YAML")
-        return normalize(value) if normalize else value
-
-    return _using(parse)
-
-
-def _is_int(minimum: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-
-def _yaml_choice(*choices: str) -> BeforeValidator:
-    def check(value: Any) -> bool:
-        return isinstance(value, str) and value.lower() in choices
-
-    return _yaml(check, "expected one of " + ", ".join(choices), str.lower)
-
-
-YamlNonNegInt = Annotated[int | None, _yaml(_is_int(0), "expected an integer >= 0")]
-YamlPosInt = Annotated[int | None, _yaml(_is_int(1), "expected an integer >= 1")]
+YamlNonNegInt = Annotated[int, Field(ge=0)] | None
+YamlPosInt = Annotated[int, Field(ge=1)] | None
 
 
 class ModelYamlConfig(BaseModel):
     """The model YAML keys the frontend reads (TorchServe's ``ModelConfig``); None = not set."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # Strict: YAML values are typed already, so "4" or 4.0 for an integer is a mistake.
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
     minWorkers: YamlNonNegInt = None
     maxWorkers: YamlNonNegInt = None
@@ -592,20 +538,13 @@ class ModelYamlConfig(BaseModel):
     maxBatchDelay: YamlNonNegInt = None  # ms; 0: unset
     responseTimeout: YamlPosInt = None  # s; TorchServe's default once a YAML exists: 120
     startupTimeout: YamlPosInt = None  # s; likewise 120
-    deviceType: Annotated[Literal["cpu", "gpu"] | None, _yaml_choice("cpu", "gpu")] = None
-    deviceIds: Annotated[
-        list[int] | None,
-        _yaml(lambda v: isinstance(v, list) and all(map(_is_int(0), v)), "expected a list of ints >= 0"),
-    ] = None
+    deviceType: Annotated[Literal["cpu", "gpu"] | None, _folded(str.lower)] = None
+    deviceIds: list[Annotated[int, Field(ge=0)]] | None = None
     jobQueueSize: YamlPosInt = None
     maxRetryTimeoutInSec: YamlNonNegInt = None  # default DEFAULT_MAX_RETRY_TIMEOUT_SEC
     clientTimeoutInMills: YamlNonNegInt = None  # default DEFAULT_CLIENT_TIMEOUT_MS
-    useJobTicket: Annotated[
-        bool | None, _yaml(lambda v: isinstance(v, bool), "expected true or false")
-    ] = None
-    parallelType: Annotated[
-        Literal["pp", "tp", "pptp", "custom"] | None, _yaml_choice("pp", "tp", "pptp", "custom")
-    ] = None
+    useJobTicket: bool | None = None
+    parallelType: Annotated[Literal["pp", "tp", "pptp", "custom"] | None, _folded(str.lower)] = None
     parallelLevel: YamlNonNegInt = None
 
 
@@ -620,9 +559,7 @@ def parse_model_yaml(text: str) -> tuple[ModelYamlConfig, dict[Any, Any]]:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ConfigError(f"invalid model YAML: the top level must be a mapping, not {kind}")
-    fields = ModelYamlConfig.model_fields
-    known = {k: v for k, v in data.items() if isinstance(k, str) and k in fields}
     try:
-        return ModelYamlConfig(**known), data
+        return ModelYamlConfig.model_validate(data), data
     except ValidationError as exc:
-        raise _from_validation_error(exc, " in model YAML") from None
+        raise _config_error(exc, " in model YAML") from None

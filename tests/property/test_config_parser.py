@@ -8,6 +8,7 @@ comments and every line-break style. (tests/server/test_config.py round-trips si
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,26 @@ def test_any_value_of_any_key_is_a_config_or_a_config_error(entries: dict[str, s
     # The same values from TS_* variables, which bypass the file's syntax entirely.
     env = {f"TS_{key.upper()}": value for key, value in entries.items()}
     load_text("enable_envvars_config=true\n", env)
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(KEYS), values, min_size=2, max_size=6))
+def test_exactly_the_bad_keys_are_named(entries: dict[str, str]) -> None:
+    def named(message: str, key: str) -> bool:
+        return re.search(rf"invalid value for {re.escape(key)}[.:]", message) is not None
+
+    def error(values: dict[str, str]) -> str:
+        try:
+            ServerConfig.from_properties(values)
+        except ConfigError as exc:
+            return str(exc)
+        return ""
+
+    # Only per-key errors: the https check needs the other keys, and runs once they are all valid.
+    bad = {key for key, value in entries.items() if named(error({key: value}), key)}
+    message = error(entries)
+    assert "\n" not in message
+    assert {key for key in entries if named(message, key)} == bad
 
 
 # ---------------------------------------------------------------- round trip

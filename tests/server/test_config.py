@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from server.config import (
     Address,
@@ -16,6 +17,7 @@ from server.config import (
     ServerConfig,
     env_var_name,
     is_torchserve_only_key,
+    key_warnings,
     load_config,
     parse_model_yaml,
     parse_properties,
@@ -171,7 +173,6 @@ TORCHSERVE_DEFAULTS = {
     "management_address": "http://127.0.0.1:8081",
     "metrics_address": "http://127.0.0.1:8082",
     "model_store": None,
-    "workflow_store": None,
     "load_models": [],
     "model_snapshot": None,
     "job_queue_size": 100,
@@ -196,7 +197,6 @@ TORCHSERVE_DEFAULTS = {
     "private_key_file": None,
     "enable_metrics_api": True,
     "disable_system_metrics": False,
-    "metric_time_interval": 60,
     "token_expiration_min": 60,
     "enable_envvars_config": False,
 }
@@ -236,7 +236,7 @@ def test_example_file_documents_every_key_with_its_default(tmp_path: Path) -> No
 
 def test_config_is_frozen() -> None:
     config = ServerConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.job_queue_size = 5  # type: ignore[misc]
 
 
@@ -306,7 +306,7 @@ def test_env_beats_overrides_and_file_when_enabled(tmp_path: Path) -> None:
     assert config.model_store == Path("/env")
     assert config.job_queue_size == 9
     assert config.token_expiration_min == 5
-    assert config.metric_time_interval == 30
+    assert "metric_time_interval" in config.ignored_keys  # TorchServe-only, whether set in file or env
     assert config.models == {}
     assert config.allowed_urls == []  # use_env_allowed_urls is off
 
@@ -349,6 +349,32 @@ def test_ignored_and_unknown_keys(tmp_path: Path) -> None:
     assert [is_torchserve_only_key(k) for k in config.ignored_keys] == [True, True, True, False, False]
 
 
+def test_key_warnings_suggest_the_closest_key(tmp_path: Path) -> None:
+    config = load(tmp_path, "inference_adress=http://127.0.0.1:38080\nJob_Queue_Size=5\n")
+    assert config.inference_address.port == 8080  # still ignored, but now said so
+    assert key_warnings(config) == [
+        "unknown configuration key 'inference_adress' (ignored); did you mean 'inference_address'?",
+        "unknown configuration key 'Job_Queue_Size' (ignored); did you mean 'job_queue_size'?",
+    ]
+
+
+def test_key_warnings_without_a_close_key(tmp_path: Path) -> None:
+    config = load(tmp_path, "xyzzy=1\nignored_keys=x\n")
+    assert key_warnings(config) == [
+        "unknown configuration key 'xyzzy' (ignored)",
+        "unknown configuration key 'ignored_keys' (ignored)",
+    ]
+
+
+def test_key_warnings_for_torchserve_only_keys(tmp_path: Path) -> None:
+    config = load(tmp_path, "vmargs=-Xmx4g\nworkflow_store=/wf\nmetric_time_interval=30\ngrpc_inference_port=7070\n")
+    assert key_warnings(config) == [
+        f"configuration key '{key}' is a TorchServe setting that marserve ignores"
+        for key in ("vmargs", "workflow_store", "metric_time_interval", "grpc_inference_port")
+    ]
+    assert key_warnings(load(tmp_path, "job_queue_size=5\n")) == []
+
+
 def test_resolve_config_path(tmp_path: Path) -> None:
     assert resolve_config_path(None, {}, tmp_path) is None
     write(tmp_path, "")
@@ -379,6 +405,9 @@ def test_resolve_config_path(tmp_path: Path) -> None:
         ("log_level=LOUD", "log_level"),
         ("allowed_urls=https://ok/.*,(unclosed", "allowed_urls"),
         ("blacklist_env_vars=[", "blacklist_env_vars"),
+        ("allowed_urls=" + "(" * 5000, "allowed_urls"),  # deeper than re's parser recurses
+        ("blacklist_env_vars=a{99999999999}", "blacklist_env_vars"),  # a repeat count re cannot hold
+        ("job_queue_size=" + "9" * 5000, "job_queue_size"),  # more digits than int() converts
         ("models={not json", "models"),
         ("models=[1, 2]", "models"),
         ('models={"m": 1}', "models"),
@@ -402,6 +431,26 @@ def test_bad_value_is_a_one_line_error_naming_the_key(tmp_path: Path, line: str,
 def test_bad_message_format(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^invalid value for job_queue_size: 'abc' \(expected an integer\)$"):
         load(tmp_path, "job_queue_size=abc\n")
+
+
+def test_every_bad_value_is_reported_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, "enable_model_api=yes\njob_queue_size=abc\nmodel_store=/ok\nlog_format=yaml\n")
+    assert str(exc.value) == (
+        "invalid value for job_queue_size: 'abc' (expected an integer); "
+        "invalid value for enable_model_api: 'yes' (expected true or false); "
+        "invalid value for log_format: 'yaml' (expected 'text' or 'json')"
+    )
+
+
+def test_every_bad_model_yaml_value_is_reported() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_model_yaml("minWorkers: -1\nbatchSize: '4'\ndeviceIds: [0, a]\n")
+    assert str(exc.value) == (
+        "invalid value for minWorkers in model YAML: -1 (expected an integer >= 0); "
+        "invalid value for batchSize in model YAML: '4' (expected an integer); "
+        "invalid value for deviceIds.1 in model YAML: 'a' (expected an integer)"
+    )
 
 
 def test_bad_typed_override_and_direct_construction() -> None:
