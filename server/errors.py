@@ -1,19 +1,24 @@
 """The server's one error hierarchy. Each class carries its HTTP status and TorchServe's ``type``.
 
-    ServerError                       500  (base; also any unexpected failure)
+    ServerError                       500  InternalServerException    (base; also any unexpected failure)
     ├── BadRequest                    400  BadRequestException
-    │   └── InvalidModel              400  InvalidModelException      (bad archive or manifest)
+    │   ├── InvalidModel              400  InvalidModelException      (bad archive or manifest)
+    │   ├── DownloadFailed            400  DownloadArchiveException   (an allowed URL that could not be fetched)
+    │   └── DependencyInstallFailed   400  ModelException             (pip failed on a model's requirements)
     ├── Unauthorized                  401  InvalidKeyException        (missing or wrong token)
     ├── Forbidden                     403  InvalidModelVersionException
     ├── NotFound                      404  ResourceNotFoundException  (unknown path)
     │   ├── ModelNotFound             404  ModelNotFoundException
-    │   └── ModelVersionNotFound      404  ModelVersionNotFoundException
+    │   ├── ModelVersionNotFound      404  ModelVersionNotFoundException
+    │   └── ArchiveNotFound           404  ModelNotFoundException     (a register URL naming no archive)
     ├── MethodNotAllowed              405  MethodNotAllowedException
     ├── RequestTimeout                408  RequestTimeoutException
     ├── Conflict                      409  ConflictStatusException
     ├── PayloadTooLarge               413  PayloadTooLargeException
     ├── ServiceUnavailable            503  ServiceUnavailableException (no worker, queue full)
-    └── InternalServerError           any  InternalServerException    (what a worker or handler reported)
+    ├── ArchiveExists                 500  InternalServerException    (a download's file is already in the store)
+    └── WorkerError                   any  InternalServerException    (what a worker or its handler reported)
+        └── WorkerDied                500  InternalServerException    ("Worker died."; 507 when OOM-killed)
 
 Every error renders as TorchServe's body: ``{"code", "type", "message"}``.
 """
@@ -21,13 +26,15 @@ Every error renders as TorchServe's body: ``{"code", "type", "message"}``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 
 class ServerError(Exception):
     status_code = 500
     type_name = "InternalServerException"
     #: Response headers the error needs besides the JSON body's (a 401's challenge).
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -55,7 +62,7 @@ class InvalidModel(BadRequest):
 class Unauthorized(ServerError):
     status_code = 401
     type_name = "InvalidKeyException"
-    headers = {"WWW-Authenticate": "Bearer"}
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ServerError):
@@ -113,9 +120,54 @@ class ServiceUnavailable(ServerError):
     type_name = "ServiceUnavailableException"
 
 
-class InternalServerError(ServerError):
-    """A failure reported by a worker or a handler; the status is whatever it reported."""
+class ArchiveNotFound(NotFound):
+    """A register URL that names no usable archive; TorchServe reports these as ModelNotFoundException."""
+
+    type_name = "ModelNotFoundException"
 
 
-def worker_died() -> InternalServerError:
-    return InternalServerError("Worker died.", 500)
+class DownloadFailed(BadRequest):
+    """TorchServe's DownloadArchiveException, with the reason after its message."""
+
+    type_name = "DownloadArchiveException"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"Failed to download archive from: {url}: {reason}")
+
+
+class ArchiveExists(ServerError):
+    """The file a URL would be downloaded to is already in the model store (TorchServe: 500)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Model file already exists {name}")
+
+
+class DependencyInstallFailed(BadRequest):
+    """TorchServe's ModelException for a failed pip install, with pip's reason after its message."""
+
+    type_name = "ModelException"
+
+    def __init__(self, model_name: str, reason: str) -> None:
+        super().__init__(f"Custom pip package installation failed for model {model_name}: {reason}")
+
+
+class WorkerError(ServerError):
+    """A failure a worker or its handler reported: the status is whatever it reported."""
+
+    def __init__(self, message: str, status_code: int = 500, metrics: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message, status_code)
+        # Metrics the handler recorded before failing still count.
+        self.metrics = list(metrics)
+
+    @property
+    def code(self) -> int:
+        """The status under the worker's own name for it."""
+        return self.status_code
+
+
+class WorkerDied(WorkerError):
+    """The worker process went away (crash, kill, broken socket) with requests in hand."""
+
+    def __init__(self, status_code: int = 500) -> None:
+        # TorchServe's message either way; 507 tells clients the kernel's OOM killer took it.
+        super().__init__("Worker died.", status_code)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from bisect import bisect_left
 import socket
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -28,6 +28,9 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from ..models.status import WorkerState
+from ..workers.messages import Result
 
 # Latency buckets in seconds, from a fast echo (sub-millisecond) to a slow batch (a minute).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
@@ -100,19 +103,21 @@ class Metrics:
             queue.observe(queue_seconds)
             ts.gauges["QueueTime"][()] = queue_seconds * 1000
 
-    def batch(self, name: str, version: str, size: int, round_trip: float, report: dict[str, Any]) -> None:
-        """One batch answered by a worker; ``report`` is the meta of the worker's reply."""
+    def batch(self, name: str, version: str, size: int, round_trip: float, result: Result | None) -> None:
+        """One batch sent to a worker; ``result`` is its reply (None: the worker died with it)."""
         _, _, handler, batch_size, prediction_labels = self._model(name, version)
         batch_size.observe(size)
-        handler_ms = report.get("handler_ms")
+        if result is None:
+            return
+        handler_ms = result.handler_ms
         if handler_ms is not None:
             handler.observe(handler_ms / 1000)
             self._ts.gauges["WorkerThreadTime"][()] = max(0.0, round_trip * 1000 - handler_ms)
-        prediction_ms = report.get("prediction_ms")
+        prediction_ms = result.prediction_ms
         if prediction_ms is not None:
             # What a handler's own gauge would record, without building and parsing its record.
             self._custom.set("PredictionTime", "gauge", "Milliseconds", _PREDICTION_LABELS, prediction_labels, round(prediction_ms, 2))
-        for metric in report.get("metrics", ()):
+        for metric in result.metrics or ():
             self._custom.record(metric)
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
@@ -120,7 +125,7 @@ class Metrics:
         worker = f"W-{worker_id}-{name}_{version}"
         self._ts.gauges["WorkerLoadTime"][(("WorkerName", worker),)] = seconds * 1000
 
-    def watch_workers(self, source: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+    def watch_workers(self, source: Callable[[], Iterable[tuple[str, str, WorkerState]]]) -> None:
         """``source`` lists (model, version, state) for every worker; read at scrape time."""
         self._workers.source = source
 
@@ -187,8 +192,8 @@ class _TorchServeMetrics(Collector):
             yield metric
         for name, series in self.gauges.items():
             unit = "Milliseconds"
-            labels = ["Level", "Hostname"] + ([k for k, _ in next(iter(series))] if series else [])
-            family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=labels)
+            label_names = ["Level", "Hostname"] + ([k for k, _ in next(iter(series))] if series else [])
+            family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=label_names)
             for extra, value in list(series.items()):
                 family.add_metric(["Host", self.hostname, *(v for _, v in extra)], value)
             yield family
@@ -197,13 +202,13 @@ class _TorchServeMetrics(Collector):
 class _WorkerStates(Collector):
     """``marserve_workers{model_name, model_version, state}``: counted when scraped, never stale."""
 
-    STATES = ("READY", "STARTING", "RESTARTING", "FAILED")
+    STATES = (WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.FAILED)
 
     def __init__(self) -> None:
-        self.source: Callable[[], Iterable[tuple[str, str, str]]] = lambda: ()
+        self.source: Callable[[], Iterable[tuple[str, str, WorkerState]]] = lambda: ()
 
     def collect(self) -> Iterator[Metric]:
-        counts: defaultdict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.STATES, 0))
+        counts: defaultdict[tuple[str, str], dict[WorkerState, int]] = defaultdict(lambda: dict.fromkeys(self.STATES, 0))
         for name, version, state in self.source():
             if state in self.STATES:
                 counts[(name, version)][state] += 1
@@ -298,7 +303,7 @@ class _Histogram(Collector):
         family = HistogramMetricFamily(self.name, self.doc, labels=MODEL_LABELS)
         for labels, series in list(self._series.items()):
             cumulative = itertools.accumulate(series.counts)
-            buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds, cumulative)]
+            buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds, cumulative)]  # type: ignore[no-untyped-call]
             family.add_metric(list(labels), buckets, series.sum)
         yield family
 
@@ -326,7 +331,7 @@ class NoMetrics(Metrics):
     def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
         pass
 
-    def batch(self, name: str, version: str, size: int, round_trip: float, report: dict[str, Any]) -> None:
+    def batch(self, name: str, version: str, size: int, round_trip: float, result: Result | None) -> None:
         pass
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:

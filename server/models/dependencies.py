@@ -17,21 +17,12 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import BadRequest, InvalidModel
+from ..errors import DependencyInstallFailed, InvalidModel
 
 log = logging.getLogger("marserve.dependencies")
 
 PIP_TIMEOUT = 900.0  # s for one model's whole install
 _REASON_CHARS = 300
-
-
-class DependencyInstallFailed(BadRequest):
-    """TorchServe's ModelException for a failed pip install, with pip's reason after its message."""
-
-    type_name = "ModelException"
-
-    def __init__(self, model_name: str, reason: str) -> None:
-        super().__init__(f"Custom pip package installation failed for model {model_name}: {reason}")
 
 
 def requirements_path(model_dir: Path, requirements_file: str) -> Path:
@@ -70,7 +61,7 @@ async def install_requirements(
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise DependencyInstallFailed(model_name, f"pip did not finish within {timeout:g} s") from None
     finally:
         if process.returncode is None:
@@ -78,9 +69,10 @@ async def install_requirements(
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
     text = output.decode(errors="replace")
-    if process.returncode != 0:
-        log.error("model %s: pip install failed (exit %d):\n%s", model_name, process.returncode, text.rstrip())
-        raise DependencyInstallFailed(model_name, _reason(text, process.returncode))
+    returncode = process.returncode or 0  # communicate() returned: pip has exited
+    if returncode != 0:
+        log.error("model %s: pip install failed (exit %d):\n%s", model_name, returncode, text.rstrip())
+        raise DependencyInstallFailed(model_name, _reason(text, returncode))
     log.info("model %s: installed custom pip packages", model_name)
 
 

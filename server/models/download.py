@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from archiver import one_line
 
-from ..errors import BadRequest, ServerError
+from ..errors import ArchiveExists, DownloadFailed
 
 if TYPE_CHECKING:
     import httpx
@@ -60,22 +60,6 @@ _METADATA_ADDRESSES = frozenset(
 )
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # connecting to 0.x.x.x reaches this host
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class DownloadFailed(BadRequest):
-    """TorchServe's DownloadArchiveException, with the reason after its message."""
-
-    type_name = "DownloadArchiveException"
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"Failed to download archive from: {url}: {reason}")
-
-
-class ArchiveExists(ServerError):
-    """The file a URL would be downloaded to is already in the model store (TorchServe: 500)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"Model file already exists {name}")
 
 
 def archive_file_name(url: str) -> str:
@@ -193,7 +177,7 @@ async def _checked_addresses(url: str, host: str, port: int) -> list[str]:
         infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
     except (socket.gaierror, UnicodeError) as exc:
         raise DownloadFailed(url, f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise DownloadFailed(url, f"cannot resolve {host}: timed out after {CONNECT_TIMEOUT:g} s") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     # Every address is checked, not only the one used: a refused one must not be reachable by

@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,7 @@ def capture(registry: ModelRegistry) -> dict[str, Any]:
         if request.initial_workers is not None:
             entry["workers"] = {"min": model.settings.min_workers, "max": model.settings.max_workers}
         models.append(entry)
-    created = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {"format": FORMAT, "created": created, "models": models}
 
 

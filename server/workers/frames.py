@@ -5,7 +5,8 @@ A frame is a fixed header, a small JSON ``meta`` object and a blob of raw bytes:
     kind: 1 byte | meta length: u32 | blob length: u32 | meta (UTF-8 JSON) | blob
 
 Payloads (request bodies, handler outputs) travel only in the blob, byte for byte: they are
-never base64-encoded or re-encoded as JSON. ``meta`` says how the blob splits into parts.
+never base64-encoded or re-encoded as JSON. ``meta`` is one of the ``messages`` dataclasses and
+says how the blob splits into parts.
 Both directions use plain JSON rather than pickle, so neither side can make the other run code.
 The JSON is orjson's: on this path the standard library's encoder and decoder cost more than
 everything else a small request needs, together.
@@ -15,6 +16,7 @@ This module must stay importable without torch: the frontend uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
@@ -36,14 +38,15 @@ Buffer = bytes | bytearray | memoryview
 _JOIN_BELOW = 1 << 16
 
 
-def encode(kind: int, meta: dict[str, Any], parts: Sequence[Buffer] = ()) -> list[Buffer]:
-    """The buffers of one frame, ready for ``writelines`` or ``send_frame``."""
+def encode(kind: int, meta: object, parts: Sequence[Buffer] = ()) -> list[Buffer]:
+    """The buffers of one frame, ready for ``writelines`` or ``send_frame``; ``meta`` is a message
+    dataclass (or a plain dict)."""
     try:
         meta_bytes = orjson.dumps(meta)
     except orjson.JSONEncodeError:
         # What orjson refuses and JSON can still say: lone surrogates a handler put in a header,
         # integers past 64 bits in its metrics.
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        meta_bytes = json.dumps(meta, separators=(",", ":"), default=_fields).encode()
     blob_len = sum(len(part) for part in parts)
     head = HEADER.pack(kind, len(meta_bytes), blob_len)
     if blob_len < _JOIN_BELOW:
@@ -51,12 +54,19 @@ def encode(kind: int, meta: dict[str, Any], parts: Sequence[Buffer] = ()) -> lis
     return [head + meta_bytes, *parts]
 
 
+def _fields(value: object) -> dict[str, Any]:
+    """A message dataclass as the dict orjson would have written (only on the rare fallback)."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+
+
 def frame_size(buffer: Buffer) -> int | None:
     """The size of the frame that starts ``buffer``, once its header is there."""
     if len(buffer) < HEADER.size:
         return None
     _, meta_len, blob_len = HEADER.unpack_from(buffer)
-    return HEADER.size + meta_len + blob_len
+    return int(HEADER.size + meta_len + blob_len)
 
 
 def decode(frame: Buffer) -> tuple[int, dict[str, Any], memoryview]:
@@ -100,7 +110,7 @@ def send_frame(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
 
 def split(blob: memoryview, sizes: Sequence[int]) -> list[memoryview]:
     """Cut ``blob`` into consecutive parts of the given sizes (views, no copies)."""
-    parts = []
+    parts: list[memoryview] = []
     offset = 0
     for size in sizes:
         parts.append(blob[offset : offset + size])

@@ -1,8 +1,8 @@
 """One worker OS process, seen from the frontend: spawn, load, predict, stop.
 
 The frontend talks to each worker over a private socket pair with plain request/reply
-frames (``protocol``), through ``WorkerChannel``: there is no thread per call and no
-correlation map, because a worker has at most one batch in flight.
+frames (``frames``, carrying ``messages``), through ``WorkerChannel``: there is no thread per
+call and no correlation map, because a worker has at most one batch in flight.
 """
 
 from __future__ import annotations
@@ -14,45 +14,15 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from . import frames as protocol
+from ..errors import WorkerDied, WorkerError
 from ..models.batching import Job, Reply
+from . import frames as protocol
+from .messages import Load, Loaded, Predict, Request, Result
 
 log = logging.getLogger("marserve.worker")
-
-
-class WorkerDied(Exception):
-    """The worker process went away (crash, kill, broken socket)."""
-
-
-class WorkerLoadError(Exception):
-    def __init__(self, code: int, message: str, meta: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        # Metrics the handler recorded before failing still count.
-        self.meta = meta or {}
-
-
-@dataclass
-class LoadSpec:
-    """Everything a worker needs to load its model; sent as the LOAD frame."""
-
-    model_name: str
-    model_dir: str
-    handler: str
-    batch_size: int
-    gpu_id: int | None
-    manifest: dict[str, Any]
-    model_yaml_config: dict[str, Any] = field(default_factory=dict)
-    limit_max_image_pixels: bool = True
-    decode_input_request: bool = True
-    # The worker answers a larger handler response with an error instead of sending it.
-    max_response_size: int = 6553500
-    threads: int = 1
-    env: dict[str, str] = field(default_factory=dict)
 
 
 class WorkerChannel(asyncio.Protocol):
@@ -108,9 +78,11 @@ class WorkerChannel(asyncio.Protocol):
 class WorkerProcess:
     """A worker process and its socket. Not restartable: supervision creates a new one."""
 
-    def __init__(self, worker_id: str, spec: LoadSpec) -> None:
+    def __init__(self, worker_id: str, load: Load, env: Mapping[str, str], threads: int) -> None:
         self.worker_id = worker_id
-        self.spec = spec
+        self.load = load
+        self.env = env
+        self.threads = threads
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = time.time()
         self._channel: WorkerChannel | None = None
@@ -121,13 +93,13 @@ class WorkerProcess:
         return self.process.pid if self.process else None
 
     async def start(self, timeout: float) -> None:
-        """Spawn the process and load the model; raises WorkerLoadError on any failure."""
+        """Spawn the process and load the model; raises WorkerError on any failure."""
         ours, theirs = socket.socketpair()
-        env = dict(self.spec.env)
+        env = dict(self.env)
         # Set before torch is imported, so N workers share the cores instead of each taking all.
         # A user's own counts stand (as in TorchServe, whose workers inherit them): small models
         # often serve faster on one thread, since waking a second one costs more than it saves.
-        threads = str(self.spec.threads)
+        threads = str(self.threads)
         env.setdefault("OMP_NUM_THREADS", threads)
         env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
         env["PYTHONUNBUFFERED"] = "1"
@@ -139,7 +111,7 @@ class WorkerProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.workers.child", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
                 pass_fds=[theirs.fileno()],
-                cwd=self.spec.model_dir,
+                cwd=self.load.model_dir,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -150,47 +122,46 @@ class WorkerProcess:
             theirs.close()
         self._log_task = asyncio.create_task(self._forward_output())
         _, self._channel = await asyncio.get_running_loop().create_unix_connection(WorkerChannel, sock=ours)
-        load = {k: v for k, v in vars(self.spec).items() if k not in ("env", "threads")}
         try:
-            kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, load)), timeout)
-        except asyncio.TimeoutError:
+            kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, self.load)), timeout)
+        except TimeoutError:
             self.kill()
-            raise WorkerLoadError(500, f"model load timed out after {timeout:g} s") from None
+            raise WorkerError(f"model load timed out after {timeout:g} s") from None
         except ConnectionError:
             self.kill()
-            raise WorkerLoadError(500, "worker exited while loading the model") from None
-        if kind != protocol.LOADED or meta.get("code") != 200:
+            raise WorkerError("worker exited while loading the model") from None
+        loaded = Loaded.from_meta(meta) if kind == protocol.LOADED else Loaded(500, "load failed")
+        if loaded.code != 200:
             self.kill()
-            raise WorkerLoadError(meta.get("code", 500), meta.get("message", "load failed"))
+            raise WorkerError(loaded.message, loaded.code)
 
-    async def predict(self, batch: list[Job]) -> tuple[list[Reply], dict[str, Any]]:
-        """Run one batch: its replies, and the reply's meta (``handler_ms``, the handler's ``metrics``).
+    async def predict(self, batch: list[Job]) -> tuple[list[Reply], Result]:
+        """Run one batch: its replies, and the worker's Result (timings, the handler's metrics).
 
-        Raises WorkerDied if the process goes away, BatchFailed on a handler error.
+        Raises WorkerDied if the process goes away, WorkerError on a handler error.
         """
         assert self._channel is not None
         requests = []
         blobs: list[bytes] = []
         for job in batch:
-            requests.append(
-                {"id": job.request_id, "headers": job.headers, "params": [[n, t, len(v)] for n, t, v in job.params]}
-            )
+            requests.append(Request(job.request_id, job.headers, [(n, t, len(v)) for n, t, v in job.params]))
             blobs.extend(value for _, _, value in job.params)
         try:
-            kind, meta, blob = await self._channel.exchange(protocol.encode(protocol.PREDICT, {"requests": requests}, blobs))
-        except ConnectionError as exc:
-            raise WorkerDied(str(exc)) from None
+            kind, meta, blob = await self._channel.exchange(protocol.encode(protocol.PREDICT, Predict(requests), blobs))
+        except ConnectionError:
+            raise WorkerDied from None
         if kind != protocol.RESULT:
-            raise WorkerDied(f"unexpected frame {kind!r}")
-        if meta["code"] != 200:
-            raise BatchFailed(meta["code"], meta["message"], meta)
-        responses = meta["responses"]
-        bodies = protocol.split(blob, [r["size"] for r in responses])
+            log.error("worker %s answered a batch with frame kind %r", self.worker_id, kind)
+            raise WorkerDied
+        result = Result.from_meta(meta)
+        if result.code != 200:
+            raise WorkerError(result.message, result.code, result.metrics or ())
+        bodies = protocol.split(blob, [r.size for r in result.responses])
         replies = [
-            Reply(r["status"], r["phrase"], r["content_type"], [tuple(h) for h in r["headers"]], bytes(body))
-            for r, body in zip(responses, bodies)
+            Reply(r.status, r.phrase, r.content_type, [(k, v) for k, v in r.headers], bytes(body))
+            for r, body in zip(result.responses, bodies)
         ]
-        return replies, meta
+        return replies, result
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -209,7 +180,7 @@ class WorkerProcess:
             return
         try:
             await asyncio.wait_for(self.process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill()
             await self.process.wait()
         if self._log_task is not None:
@@ -225,7 +196,7 @@ class WorkerProcess:
             return None
         try:
             return await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def wait(self) -> int:
@@ -237,17 +208,7 @@ class WorkerProcess:
 
     async def _forward_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        model_log = logging.getLogger(f"marserve.model.{self.spec.model_name}")
+        model_log = logging.getLogger(f"marserve.model.{self.load.model_name}")
         while line := await self.process.stdout.readline():
             model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
 
-
-class BatchFailed(Exception):
-    """The handler failed the whole batch with this status and message (TorchServe §3.2)."""
-
-    def __init__(self, code: int, message: str, meta: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        # Metrics the handler recorded before failing still count.
-        self.meta = meta or {}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from server.workers import frames as protocol
+from server.workers.messages import Load, Loaded, Predict, Request, Response, Result
 from server.workers.process import WorkerChannel
 
 META: dict[str, Any] = {"requests": [{"id": "r1", "headers": [["x-a", "é"]], "params": [["body", None, 3]]}]}
@@ -164,3 +165,58 @@ def test_split_gives_views_of_the_given_sizes() -> None:
     assert [bytes(p) for p in parts] == [b"aa", b"", b"bbb", b"c"]
     assert all(isinstance(p, memoryview) for p in parts)
     assert protocol.split(memoryview(b""), []) == []
+
+
+# -- the messages in the frames ------------------------------------------------------------------
+
+
+LOAD = Load(
+    model_name="m", model_dir="/models/m", handler="h.py:handle", batch_size=4, gpu_id=1,
+    manifest={"model": {"modelName": "m"}}, model_yaml_config={"minWorkers": 1}, limit_max_image_pixels=False,
+    decode_input_request=True, max_response_size=100, server_version="0.12.0",
+)  # fmt: skip
+
+
+def through_a_frame(kind: int, message: object, parts: Sequence[bytes] = ()) -> tuple[dict[str, Any], bytes]:
+    got_kind, meta, blob = protocol.decode(b"".join(protocol.encode(kind, message, parts)))
+    assert got_kind == kind
+    return meta, bytes(blob)
+
+
+def test_each_message_is_rebuilt_from_its_frame() -> None:
+    assert Load.from_meta(through_a_frame(protocol.LOAD, LOAD)[0]) == LOAD
+    loaded = Loaded(507, "System out of memory", None)
+    assert Loaded.from_meta(through_a_frame(protocol.LOADED, loaded)[0]) == loaded
+    predict = Predict([Request("r1", [["x-a", "é"]], [["body", None, 3], ["extra", "text/plain", 0]])])  # type: ignore[list-item]
+    meta, blob = through_a_frame(protocol.PREDICT, predict, [b"abc", b""])
+    assert Predict.from_meta(meta) == predict and blob == b"abc"
+    result = Result(
+        200, "", [Response(201, "Created", "application/json", [["x-b", "1"]], 2)], 1.5, 1.0,  # type: ignore[list-item]
+        [{"name": "Seen", "value": 1.0, "dimensions": [["Level", "Model"]]}],
+    )  # fmt: skip
+    meta, blob = through_a_frame(protocol.RESULT, result, [b"{}"])
+    assert Result.from_meta(meta) == result and blob == b"{}"
+
+
+def test_the_load_message_carries_the_server_version() -> None:
+    meta, _ = through_a_frame(protocol.LOAD, LOAD)
+    assert meta["server_version"] == "0.12.0"
+    with pytest.raises(TypeError):
+        Load.from_meta({k: v for k, v in meta.items() if k != "server_version"})
+
+
+def test_a_message_orjson_refuses_still_travels() -> None:
+    # A handler's header with a lone surrogate, a metric past 64 bits: the frame falls back to JSON.
+    result = Result(
+        200, "", [Response(200, "", None, [("x-bad", "bad \ud800 surrogate")], 1)], 1.0, None,
+        [{"name": "Big", "value": 2**70}],
+    )  # fmt: skip
+    meta, blob = through_a_frame(protocol.RESULT, result, [b"x"])
+    got = Result.from_meta(meta)
+    assert [list(header) for header in got.responses[0].headers] == [["x-bad", "bad \ud800 surrogate"]]
+    assert got.metrics == [{"name": "Big", "value": 2**70}] and blob == b"x"
+
+
+def test_something_that_is_no_message_is_refused() -> None:
+    with pytest.raises(TypeError):
+        protocol.encode(protocol.RESULT, {"value": object()})

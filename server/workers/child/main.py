@@ -16,13 +16,13 @@ import socket
 import sys
 import traceback
 import uuid
-from typing import Any
 
 import handlers
 from handlers.context import Context
-from handlers.metrics import DEFAULT_MODEL_METRICS, MetricsCache
+from handlers.metrics import MetricsCache
 
 from .. import frames as protocol
+from ..messages import Load, Loaded, Predict
 from .loader import load_handler
 from .service import Service
 
@@ -40,40 +40,37 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(1)
 
 
-def _load(meta: dict[str, Any]) -> Service:
-    model_dir = meta["model_dir"]
-    os.chdir(model_dir)
+def _load(load: Load) -> Service:
+    os.chdir(load.model_dir)
     # TorchServe's import names (ts.torch_handler...) resolve to marserve's handlers, in workers
     # only: a real torchserve installed beside marserve is never shadowed in site-packages.
     sys.path.insert(0, handlers.COMPAT_PATH)
-    sys.path.insert(0, model_dir)
-    initialize, entry = load_handler(meta["handler"])
+    sys.path.insert(0, load.model_dir)
+    initialize, entry = load_handler(load.handler)
     # TorchServe gives load-time metrics a made-up request id, so they get the model's default
     # dimensions; they reach the frontend with the first RESULT (LOADED carries none).
-    # A LOAD meta may declare the metrics_config's model_metrics; else TorchServe's defaults.
-    declared = meta.get("model_metrics") or DEFAULT_MODEL_METRICS
-    metrics = MetricsCache(meta["model_name"], request_ids=str(uuid.uuid4()), model_metrics=declared)
+    metrics = MetricsCache(load.model_name, request_ids=str(uuid.uuid4()))
     context = Context(
-        model_name=meta["model_name"],
-        model_dir=model_dir,
-        manifest=meta.get("manifest"),
-        batch_size=meta["batch_size"],
-        gpu=meta.get("gpu_id"),
-        mms_version=meta.get("server_version", "0.12.0"),
-        limit_max_image_pixels=meta.get("limit_max_image_pixels", True),
-        model_yaml_config=meta.get("model_yaml_config") or {},
+        model_name=load.model_name,
+        model_dir=load.model_dir,
+        manifest=load.manifest,
+        batch_size=load.batch_size,
+        gpu=load.gpu_id,
+        mms_version=load.server_version,
+        limit_max_image_pixels=load.limit_max_image_pixels,
+        model_yaml_config=load.model_yaml_config,
         metrics=metrics,
     )
     initialize(context)
-    return Service(entry, context, meta.get("decode_input_request", True), meta.get("max_response_size"))
+    return Service(entry, context, load.decode_input_request, load.max_response_size)
 
 
-def _load_failure(exc: BaseException) -> dict[str, Any]:
+def _load_failure(exc: BaseException) -> Loaded:
     traceback.print_exc()
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, MemoryError) or "CUDA" in str(exc):
-        return {"code": 507, "message": f"System out of memory: {detail}"}
-    return {"code": 500, "message": detail}
+        return Loaded(507, f"System out of memory: {detail}")
+    return Loaded(500, detail)
 
 
 def main(argv: list[str]) -> int:
@@ -90,18 +87,19 @@ def main(argv: list[str]) -> int:
     if frame is None or frame[0] != protocol.LOAD:
         return 1
     try:
-        service = _load(frame[1])
+        load = Load.from_meta(frame[1])
+        service = _load(load)
     except BaseException as exc:  # noqa: BLE001 - any load failure is reported, then the worker exits
         protocol.send_frame(sock, protocol.encode(protocol.LOADED, _load_failure(exc)))
         return 1
     # The model log's record that this worker is up (TorchServe prints "Torch worker started.").
-    print(f"worker pid {os.getpid()} loaded model {frame[1]['model_name']} with handler {frame[1]['handler']}", flush=True)
-    protocol.send_frame(sock, protocol.encode(protocol.LOADED, {"code": 200, "message": "loaded", "pid": os.getpid()}))
+    print(f"worker pid {os.getpid()} loaded model {load.model_name} with handler {load.handler}", flush=True)
+    protocol.send_frame(sock, protocol.encode(protocol.LOADED, Loaded(200, "loaded", os.getpid())))
     sys.stdout.flush()
     while (frame := protocol.recv_frame(sock)) is not None:
         kind, meta, blob = frame
         if kind != protocol.PREDICT:
             return 1
-        reply, parts = service.predict(meta, blob)
-        protocol.send_frame(sock, protocol.encode(protocol.RESULT, reply, parts))
+        result, parts = service.handle(Predict.from_meta(meta), blob)
+        protocol.send_frame(sock, protocol.encode(protocol.RESULT, result, parts))
     return 0

@@ -17,18 +17,14 @@ import orjson
 from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
-from ...errors import InternalServerError
-from ..frames import split
+from ...errors import WorkerError
+from .. import frames
+from ..frames import Buffer, split
+from ..messages import Metric, Predict, Response, Result
 from .loader import Entry
 
-
-class BatchError(Exception):
-    """The whole batch fails with this status and message."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+#: The old name of the error that fails a whole batch (tests/property/test_output_json.py).
+BatchError = WorkerError
 
 
 def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
@@ -49,7 +45,7 @@ def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any
     return value
 
 
-def encode_output(value: Any) -> tuple[bytes | bytearray | memoryview, str | None]:
+def encode_output(value: Any) -> tuple[Buffer, str | None]:
     """An output's bytes, plus the content type implied by how they were made (None: raw)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return value, None
@@ -87,7 +83,7 @@ def to_json(value: Any) -> bytes:
         return json.dumps(value, indent=2).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         print(f"handler output is not serializable: {exc}", file=sys.stderr)
-        raise BatchError(503, "Unsupported model output data type.") from None
+        raise WorkerError("Unsupported model output data type.", 503) from None
 
 
 class Service:
@@ -101,23 +97,24 @@ class Service:
         self.decode = decode_input_request
         self.max_response_size = max_response_size
 
-    def predict(self, meta: dict[str, Any], blob: memoryview) -> tuple[dict[str, Any], list[Any]]:
-        requests = meta["requests"]
-        sizes = [param[2] for request in requests for param in request["params"]]
+    def handle(self, predict: Predict, blob: memoryview) -> tuple[Result, list[Buffer]]:
+        """One batch: its Result and the response bodies, in order."""
+        requests = predict.requests
+        sizes = [size for request in requests for _, _, size in request.params]
         values = iter(split(blob, sizes))
         data: list[dict[str, Any]] = []
         processors: list[RequestProcessor] = []
         for request in requests:
-            headers = RequestHeaders(request["headers"])
+            headers = RequestHeaders(request.headers)
             row = {}
-            for name, content_type, _ in request["params"]:
+            for name, content_type, _ in request.params:
                 row[name] = decode_value(next(values), content_type, self.decode)
                 # TorchServe also exposes each parameter's content type as a "header".
                 headers[name] = {"content-type": content_type}
             data.append(row)
             processors.append(RequestProcessor(headers))
         context = self.context
-        context.request_ids = {i: request["id"] for i, request in enumerate(requests)}
+        context.request_ids = {i: request.id for i, request in enumerate(requests)}
         context.request_processor = processors
         metrics = context.metrics
         if metrics is not None:
@@ -130,40 +127,44 @@ class Service:
             # A plain number: the frontend records it, so the worker builds no metric for it.
             prediction_ms = (time.perf_counter() - started) * 1000
             parts, responses = self._encode(outputs)
-        except BatchError as exc:
+        except WorkerError as exc:
             # Failed batches carry their metrics too: counters recorded before the failure count.
-            return _with_metrics({"code": exc.code, "message": exc.message}, metrics), []
+            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics)), []
         handler_ms = (time.perf_counter() - started) * 1000
-        reply = {
-            "code": 200, "message": "", "responses": responses, "handler_ms": handler_ms, "prediction_ms": prediction_ms
-        }  # fmt: skip
-        return _with_metrics(reply, metrics), parts
+        return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+
+    def predict(self, meta: dict[str, Any], blob: memoryview) -> tuple[dict[str, Any], list[Buffer]]:
+        """``handle`` on a frame's decoded meta, answering the Result as the frontend decodes it,
+        without the fields that are not set (tests/handlers/test_metrics_api.py reads this form)."""
+        result, parts = self.handle(Predict.from_meta(meta), blob)
+        _, decoded, _ = frames.decode(b"".join(frames.encode(frames.RESULT, result)))
+        return {key: value for key, value in decoded.items() if value is not None}, parts
 
     def _call(self, data: list[dict[str, Any]]) -> Any:
         try:
             return self.entry(data, self.context)
         except PredictionException as exc:
-            raise BatchError(exc.error_code, exc.message) from None
+            raise WorkerError(exc.message, exc.error_code) from None
         except MemoryError:
-            raise BatchError(507, "Out of resources") from None
-        except Exception as exc:
+            raise WorkerError("Out of resources", 507) from None
+        except Exception as exc:  # noqa: BLE001 - any handler failure fails its batch, never the worker
             traceback.print_exc()
             if "CUDA" in str(exc):
-                raise BatchError(507, "Out of resources") from None
-            raise BatchError(503, "Prediction failed") from None
+                raise WorkerError("Out of resources", 507) from None
+            raise WorkerError("Prediction failed", 503) from None
 
     @staticmethod
     def _check(outputs: Any, expected: int) -> None:
         if not isinstance(outputs, list):
             print(f"handler returned {type(outputs).__name__}, expected a list", file=sys.stderr)
-            raise BatchError(503, "Invalid model predict output")
+            raise WorkerError("Invalid model predict output", 503)
         if len(outputs) != expected:
             print(f"handler returned {len(outputs)} outputs for {expected} requests", file=sys.stderr)
-            raise BatchError(503, "number of batch response mismatched")
+            raise WorkerError("number of batch response mismatched", 503)
 
-    def _encode(self, outputs: list[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
-        parts = []
-        responses = []
+    def _encode(self, outputs: list[Any]) -> tuple[list[Buffer], list[Response]]:
+        parts: list[Buffer] = []
+        responses: list[Response] = []
         for idx, output in enumerate(outputs):
             body, implied_type = encode_output(output)
             processor = self.context.request_processor[idx]
@@ -179,28 +180,19 @@ class Service:
                 # Never shipped: this one request gets the error in its place (TorchServe kills the
                 # worker and answers "Worker died."); the rest of the batch and the worker carry on.
                 print(
-                    f"response to request {self.context.request_ids.get(idx)} is {len(body)} bytes, "
+                    f"response to request {(self.context.request_ids or {}).get(idx)} is {len(body)} bytes, "
                     f"over max_response_size ({self.max_response_size}); not sent",
                     file=sys.stderr,
                 )
-                error = InternalServerError(
-                    f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})", 500
-                )
+                error = WorkerError(f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})")
                 body, status, phrase, content_type, headers = error.body(), error.status_code, "", "application/json", []
             parts.append(body)
-            responses.append(
-                {"status": status, "phrase": phrase, "content_type": content_type, "headers": headers, "size": len(body)}
-            )
+            responses.append(Response(status, phrase, content_type, headers, len(body)))
         return parts, responses
 
 
-def _with_metrics(reply: dict[str, Any], metrics: Any) -> dict[str, Any]:
-    """``reply`` plus the records the handler made since the last reply, under ``metrics`` if any.
-
-    Most batches record none: leaving the key out keeps them out of the reply's JSON too.
-    """
+def _drain(metrics: Any) -> list[Metric] | None:
+    """The records the handler made since the last Result; None when it made none (most batches)."""
     drain = getattr(metrics, "drain", None)
-    records = drain() if callable(drain) else None
-    if records:
-        reply["metrics"] = records
-    return reply
+    records: list[Metric] | None = drain() if callable(drain) else None
+    return records or None

@@ -1,0 +1,84 @@
+"""A model version's settings: the register call, then the archive's model YAML, then the
+``models=`` JSON of config.properties, then the server's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ModelYamlConfig, ServerConfig
+
+
+@dataclass
+class RegisterRequest:
+    """The register API's parameters (query string or JSON body); None means "not given"."""
+
+    url: str | None = None
+    model_name: str | None = None
+    handler: str | None = None
+    runtime: str | None = None
+    batch_size: int | None = None
+    max_batch_delay: int | None = None
+    initial_workers: int | None = None
+    synchronous: bool = True
+    response_timeout: int | None = None
+    startup_timeout: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    batch_size: int = 1
+    max_batch_delay: int = 100  # ms
+    response_timeout: int = 120  # s
+    startup_timeout: int = 120  # s
+    min_workers: int = 0
+    max_workers: int = 0
+    job_queue_size: int = 100
+    device_type: str = "cpu"
+    device_ids: list[int] | None = None
+
+
+def resolve_settings(
+    request: RegisterRequest, yaml: ModelYamlConfig, config: ServerConfig, *, name: str, version: str, gpu_count: int
+) -> ModelSettings:
+    """The settings of model ``name`` version ``version``, each from the first source that sets it."""
+    models_json: dict[str, Any] = (config.models or {}).get(name, {}).get(version, {})
+
+    def pick(api: int | None, yaml_value: int | None, json_key: str, default: int) -> int:
+        for value in (api, yaml_value, models_json.get(json_key)):
+            if value is not None and value > 0:
+                return int(value)
+        return default
+
+    # TorchServe reads a YAML minWorkers below 1 as 1, and uses the YAML bounds only when they
+    # are consistent; otherwise both fall back, so min never exceeds max.
+    yaml_min = None if yaml.minWorkers is None else max(1, yaml.minWorkers)
+    if request.initial_workers is not None:
+        min_workers = max_workers = max(0, request.initial_workers)
+    elif yaml_min is not None and yaml.maxWorkers is not None and yaml.maxWorkers >= yaml_min:
+        min_workers, max_workers = yaml_min, yaml.maxWorkers
+    else:
+        min_workers = max_workers = config.default_workers_per_model or 1
+    return ModelSettings(
+        batch_size=pick(request.batch_size, yaml.batchSize, "batchSize", 1),
+        max_batch_delay=_batch_delay(request.max_batch_delay, yaml.maxBatchDelay, models_json.get("maxBatchDelay")),
+        response_timeout=pick(request.response_timeout, yaml.responseTimeout, "responseTimeout", config.default_response_timeout),
+        startup_timeout=pick(request.startup_timeout, yaml.startupTimeout, "startupTimeout", config.default_startup_timeout),
+        min_workers=min_workers,
+        max_workers=max_workers,
+        job_queue_size=yaml.jobQueueSize or config.job_queue_size,
+        device_type="gpu" if gpu_count and yaml.deviceType != "cpu" else "cpu",
+        device_ids=yaml.deviceIds,
+    )  # fmt: skip
+
+
+def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> int:
+    # An API delay of 0 is a real choice ("do not wait"); in the YAML and the models JSON, 0 means
+    # "not set", as in TorchServe.
+    if api is not None and api >= 0:
+        return api
+    for value in (yaml_value, json_value):
+        if isinstance(value, int) and value > 0:
+            return value
+    return 100

@@ -1,0 +1,41 @@
+"""What the APIs and metrics may read of the registered models: frozen copies, never live state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .settings import ModelSettings
+
+
+class WorkerState(StrEnum):
+    # str values: code that still compares a slot's status with "READY" keeps working.
+    STARTING = "STARTING"
+    READY = "READY"
+    RESTARTING = "RESTARTING"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    id: str
+    state: WorkerState
+    pid: int | None  # None until its process exists
+    started_at: float  # epoch seconds of the current process's start (0.0 if none)
+    gpu_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    name: str
+    version: str
+    url: str
+    runtime: str  # the manifest's runtime
+    handler: str
+    settings: ModelSettings
+    loaded_at_startup: bool
+    is_default: bool
+    queue_length: int
+    queue_capacity: int
+    workers: tuple[WorkerStatus, ...]

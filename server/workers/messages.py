@@ -1,0 +1,104 @@
+"""The messages between the frontend and a worker: one dataclass per frame kind, shared by both ends.
+
+A message is a frame's ``meta`` (see ``frames``): orjson writes the dataclass as it is, and the
+receiving end rebuilds it with ``from_meta``. Request and response bodies are never in a message:
+they travel in the frame's blob, and the entries give the size of each part, in order.
+
+JSON has no tuples: the pairs and triples below arrive as lists, which unpack the same.
+The dataclasses have no ``__slots__``: orjson writes one from its ``__dict__`` several times faster.
+
+This module must stay importable without torch: the worker imports it before its handler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: One metric a handler recorded (name, unit, type, value, dimensions, request_id).
+Metric = dict[str, Any]
+#: One request parameter: its name, its content type (None: not given), its size in the blob.
+Param = tuple[str, str | None, int]
+
+
+@dataclass
+class Load:
+    """frontend -> worker, once: what to load. The worker reads nothing else."""
+
+    model_name: str
+    model_dir: str
+    handler: str
+    batch_size: int
+    gpu_id: int | None
+    manifest: dict[str, Any]
+    model_yaml_config: dict[str, Any]
+    limit_max_image_pixels: bool
+    decode_input_request: bool
+    # The worker answers a larger handler response with an error instead of sending it.
+    max_response_size: int
+    # What handlers see as context.system_properties["server_version"].
+    server_version: str
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Load:
+        return cls(**meta)
+
+
+@dataclass
+class Loaded:
+    """worker -> frontend: the load's outcome; ``code`` 200 or the failure's status."""
+
+    code: int
+    message: str
+    pid: int | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Loaded:
+        return cls(**meta)
+
+
+@dataclass
+class Request:
+    id: str
+    headers: list[tuple[str, str]]
+    params: list[Param]  # in the order the handler sees them
+
+
+@dataclass
+class Predict:
+    """frontend -> worker: one batch; the blob holds every request's parameters, in order."""
+
+    requests: list[Request]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Predict:
+        return cls([Request(r["id"], r["headers"], r["params"]) for r in meta["requests"]])
+
+
+@dataclass
+class Response:
+    status: int
+    phrase: str
+    content_type: str | None
+    headers: list[tuple[str, str]]
+    size: int
+
+
+@dataclass
+class Result:
+    """worker -> frontend: one batch's outcome. ``code`` 200: one response per request, their
+    bodies in the blob; else the whole batch failed with this status and message."""
+
+    code: int
+    message: str
+    responses: list[Response]
+    handler_ms: float | None = None  # the handler's whole turn, decoding and encoding included
+    prediction_ms: float | None = None  # the entry point's call, when it succeeded
+    metrics: list[Metric] | None = None  # what the handler recorded since the last Result
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Result:
+        responses = [
+            Response(r["status"], r["phrase"], r["content_type"], r["headers"], r["size"]) for r in meta["responses"]
+        ]
+        return cls(meta["code"], meta["message"], responses, meta["handler_ms"], meta["prediction_ms"], meta["metrics"])

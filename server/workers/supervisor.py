@@ -1,0 +1,329 @@
+"""The supervisor of one model version's workers: it starts them, restarts a dead one with
+backoff, stops them, and runs each one's batch loop on the version's queue.
+
+Each worker has a slot, which outlives the processes that fill it across restarts:
+
+    STARTING ──loaded──> READY ──died──> RESTARTING ──(backoff)──> STARTING
+        └──load failed──> FAILED ──(backoff)──> STARTING
+    any state ──stopped──> STOPPED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from ..errors import ServerError, ServiceUnavailable, WorkerDied, WorkerError
+from ..models.batching import Job, JobQueue, collect_batch
+from ..models.settings import ModelSettings
+from ..models.status import WorkerState, WorkerStatus
+from .messages import Load, Result
+from .placement import Placement, worker_threads
+from .process import WorkerProcess
+
+log = logging.getLogger("marserve.model")
+
+MAX_BACKOFF = 30.0  # s between two starts of one slot, at most
+
+#: What starts a worker process: (worker id, its LOAD message, its environment, its thread count).
+SpawnWorker = Callable[[str, Load, Mapping[str, str], int], WorkerProcess]
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before the next start after ``failures`` failures in a row: Fibonacci, capped."""
+    a, b = 0.0, 1.0
+    for _ in range(failures):
+        a, b = b, a + b
+    return min(a, MAX_BACKOFF)
+
+
+def no_worker_message(name: str, version: str | None) -> str:
+    target = f'Model "{name}" Version {version}"' if version else f'Model "{name}"'
+    return (
+        f"{target} has no worker to serve inference request. Please use scale workers API to add workers. "
+        "If this is a sequence inference, please check if it is closed, or expired; "
+        "or exceeds maxSequenceJobQueueSize"
+    )
+
+
+def _first_load() -> asyncio.Future[WorkerError | None]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker position of a model: it outlives the processes that fill it across restarts."""
+
+    id: str
+    gpu_id: int | None
+    status: WorkerState = WorkerState.STARTING
+    process: WorkerProcess | None = None
+    stopping: bool = False
+    busy: bool = False
+    task: asyncio.Task[None] | None = None
+    serve_task: asyncio.Task[None] | None = None
+    # Resolves with None once a first load succeeds, or with the error of a failed first load.
+    first_load: asyncio.Future[WorkerError | None] = field(default_factory=_first_load)
+    load_time_ms: float = 0.0
+
+    def as_status(self) -> WorkerStatus:
+        process = self.process
+        pid = process.pid if process is not None else None
+        started_at = process.started_at if process is not None else 0.0
+        return WorkerStatus(self.id, self.status, pid, started_at, self.gpu_id)
+
+
+class Supervisor:
+    """The worker slots of one model version, and its settings: the batch parameters they serve
+    with and the worker bounds, which only ``scale`` changes."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        settings: ModelSettings,
+        queue: JobQueue,
+        load: Load,
+        env: Mapping[str, str],
+        placement: Placement,
+        *,
+        on_loaded: Callable[[WorkerSlot], None],
+        on_batch: Callable[[int, float, Result | None], None],
+        spawn: SpawnWorker = WorkerProcess,
+    ) -> None:
+        """``on_batch`` gets each batch's size, its seconds from dispatch to reply and the worker's
+        Result (None when the worker died with it)."""
+        self.name = name
+        self.version = version
+        self.settings = settings
+        self.queue = queue
+        self.slots: list[WorkerSlot] = []
+        self._load = load
+        self._env = env
+        self._placement = placement
+        self._on_loaded = on_loaded
+        self._on_batch = on_batch
+        self._spawn = spawn
+        # One worker gathers a batch at a time, as in TorchServe; otherwise idle workers
+        # would split a burst into batches of one.
+        self._collect_lock = asyncio.Lock()
+        # The event loop keeps only weak references to tasks: an unreferenced one can vanish mid-run.
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def serving(self) -> bool:
+        """Whether any worker is meant to serve the queue (it may be restarting meanwhile)."""
+        return any(not slot.stopping for slot in self.slots)
+
+    def add(self, count: int) -> list[WorkerSlot]:
+        """Start ``count`` more workers; each slot's ``first_load`` tells how its first load went."""
+        added = []
+        for _ in range(count):
+            worker_id, gpu_id = self._placement.place(
+                f"{self.name}:{self.version}", self.settings.device_type, self.settings.device_ids
+            )
+            slot = WorkerSlot(worker_id, gpu_id)
+            slot.task = asyncio.create_task(self._supervise(slot), name=f"worker-{worker_id}")
+            self.slots.append(slot)
+            added.append(slot)
+        return added
+
+    async def scale(self, min_workers: int, max_workers: int, synchronous: bool) -> list[WorkerSlot]:
+        """New worker bounds: workers are added up to ``min_workers`` or removed down to
+        ``max_workers`` (waited for only if ``synchronous``); returns the slots added."""
+        self.settings = replace(self.settings, min_workers=min_workers, max_workers=max_workers)
+        live = [slot for slot in self.slots if not slot.stopping]
+        if len(live) < min_workers:
+            return self.add(min_workers - len(live))
+        if len(live) > max_workers:
+            removal = self.remove(live[max_workers:])
+            if synchronous:
+                await removal
+            else:
+                task = asyncio.create_task(removal)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return []
+
+    async def remove(self, slots: list[WorkerSlot], orphaned: ServerError | None = None) -> None:
+        """Stop these workers after their batch in hand; queued jobs stay for the others.
+
+        If no worker is left, nobody would ever take the queued jobs: they fail with ``orphaned``
+        (by default the 503 a request to a model without workers gets).
+        """
+        for slot in slots:
+            slot.stopping = True
+            if not slot.busy and slot.serve_task is not None:
+                slot.serve_task.cancel()
+            if slot.status != WorkerState.READY and slot.task is not None:
+                slot.task.cancel()
+        await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
+        for slot in slots:
+            _stopped(slot)  # a task cancelled before its first step never ran its own finally
+            if slot in self.slots:
+                self.slots.remove(slot)
+        if not self.serving:
+            error = orphaned or ServiceUnavailable(no_worker_message(self.name, None))
+            for job in self.queue.drain():
+                _fail(job, error)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until the queue is empty and no batch is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.queue) or any(slot.busy for slot in self.slots):
+            # A worker that is restarting will still serve the queue; only no worker at all can't.
+            if time.monotonic() > deadline or not self.serving:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop(self, orphaned: ServerError) -> None:
+        """Stop every worker; jobs still queued fail with ``orphaned``."""
+        await self.remove(list(self.slots), orphaned)
+
+    # -- one slot --------------------------------------------------------------------------------
+
+    async def _supervise(self, slot: WorkerSlot) -> None:
+        try:
+            await self._keep_alive(slot)
+        finally:
+            _stopped(slot)
+
+    async def _keep_alive(self, slot: WorkerSlot) -> None:
+        failures = 0
+        while not slot.stopping:
+            threads = worker_threads(os.cpu_count() or 1, self.settings.max_workers, len(self.slots))
+            process = self._spawn(slot.id, replace(self._load, gpu_id=slot.gpu_id), self._env, threads)
+            slot.process = process
+            slot.status = WorkerState.STARTING
+            started = time.perf_counter()
+            try:
+                await process.start(self.settings.startup_timeout)
+            except WorkerError as exc:
+                log.error("worker %s of %s:%s failed to load: %s", slot.id, self.name, self.version, exc.message)
+                slot.status = WorkerState.FAILED
+                if not slot.first_load.done():
+                    slot.first_load.set_result(exc)
+                failures += 1
+                await asyncio.sleep(backoff(failures))
+                continue
+            except asyncio.CancelledError:
+                process.kill()
+                await asyncio.shield(process.wait_exit(5))
+                raise
+            slot.load_time_ms = (time.perf_counter() - started) * 1000
+            slot.status = WorkerState.READY
+            failures = 0
+            if not slot.first_load.done():
+                slot.first_load.set_result(None)
+            self._on_loaded(slot)
+            await self._run_until_exit(slot, process)
+            if slot.stopping:
+                await process.stop()
+                break
+            log.warning("worker %s of %s:%s died; restarting", slot.id, self.name, self.version)
+            slot.status = WorkerState.RESTARTING
+            # The serve loop can end on a broken socket while the process lives on; no orphan
+            # may outlast its slot.
+            process.kill()
+            await process.wait_exit(10)
+            failures += 1
+            await asyncio.sleep(backoff(failures))
+
+    async def _run_until_exit(self, slot: WorkerSlot, process: WorkerProcess) -> None:
+        slot.serve_task = asyncio.create_task(self._serve(slot, process))
+        exited = asyncio.create_task(process.wait())
+        await asyncio.wait({slot.serve_task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done():
+            slot.serve_task.cancel()
+        else:
+            exited.cancel()
+        await asyncio.gather(slot.serve_task, return_exceptions=True)
+        slot.serve_task = None
+
+    async def _serve(self, slot: WorkerSlot, process: WorkerProcess) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        while not slot.stopping:
+            async with self._collect_lock:
+                batch = await collect_batch(self.queue, settings.batch_size, settings.max_batch_delay / 1000)
+            # Requests whose client went away are dropped before they cost any inference.
+            batch = [job for job in batch if not job.future.done()]
+            if not batch:
+                continue
+            slot.busy = True
+            dispatched = time.perf_counter()
+            for job in batch:
+                job.dispatched = dispatched
+            timed_out = False
+
+            def on_timeout() -> None:
+                nonlocal timed_out
+                timed_out = True
+                log.error(
+                    "worker %s of %s:%s gave no response in %d s; killing it",
+                    slot.id, self.name, self.version, settings.response_timeout,
+                )  # fmt: skip
+                process.kill()
+
+            timer = loop.call_later(settings.response_timeout, on_timeout)
+            result: Result | None = None
+            try:
+                replies, result = await process.predict(batch)
+            except WorkerDied:
+                if not timed_out:
+                    # The exit status tells an OOM kill from a crash; it follows the EOF closely.
+                    await process.wait_exit(0.5)
+                _fail_all(batch, _death_error(process, timed_out))
+                return
+            except WorkerError as exc:
+                result = Result(exc.status_code, exc.message, [], metrics=exc.metrics or None)
+                _fail_all(batch, exc)
+            except asyncio.CancelledError:
+                # Cancelled mid-batch: the process has exited (see _run_until_exit).
+                _fail_all(batch, _death_error(process, timed_out))
+                raise
+            else:
+                for job, reply in zip(batch, replies):
+                    if not job.future.done():
+                        job.future.set_result(reply)
+            finally:
+                timer.cancel()
+                slot.busy = False
+                self._on_batch(len(batch), time.perf_counter() - dispatched, result)
+
+
+async def first_failure(slots: list[WorkerSlot]) -> WorkerError | None:
+    """The first failed first load among ``slots``, or None once they all loaded."""
+    outcomes = await asyncio.gather(*(slot.first_load for slot in slots))
+    return next((outcome for outcome in outcomes if outcome is not None), None)
+
+
+def _stopped(slot: WorkerSlot) -> None:
+    # Whoever waits for the first load must not wait forever on a slot stopped before it.
+    if not slot.first_load.done():
+        slot.first_load.set_result(WorkerError("the worker was stopped before it loaded the model"))
+    slot.status = WorkerState.STOPPED
+
+
+def _death_error(process: WorkerProcess, timed_out: bool) -> WorkerDied:
+    # TorchServe answers 507 when the worker exited with 137, i.e. was SIGKILLed from outside:
+    # usually the kernel's OOM killer. Our own kill on a response timeout stays a 500.
+    if not timed_out and process.returncode in (-signal.SIGKILL, 137):
+        return WorkerDied(507)
+    return WorkerDied()
+
+
+def _fail(job: Job, error: ServerError) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)
+
+
+def _fail_all(batch: list[Job], error: ServerError) -> None:
+    for job in batch:
+        _fail(job, error)
