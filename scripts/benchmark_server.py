@@ -154,7 +154,10 @@ class Server:
             # other server is measured too.
             f"disable_system_metrics=true\n{self.extra_config()}"
         )
-        self.env = {**os.environ, "TMPDIR": str(work), "LOG_LOCATION": str(work / f"{self.name}-logs")}
+        # A temporary directory each: marserve keeps its pid file there.
+        self.tmp = work / f"{self.name}-tmp"
+        self.tmp.mkdir(exist_ok=True)
+        self.env = {**os.environ, "TMPDIR": str(self.tmp), "LOG_LOCATION": str(work / f"{self.name}-logs")}
         self.startup_seconds = 0.0
 
     def extra_config(self) -> str:
@@ -215,7 +218,22 @@ class Marserve(Server):
         subprocess.run([str(MARSERVE_BIN / "serve"), "--stop"], env=self.env, stdout=subprocess.DEVNULL, cwd=self.work)
 
     def frontend_pid(self) -> int:
-        return int((self.work / ".marserve.pid").read_text())
+        return int((self.tmp / ".marserve.pid").read_text())
+
+
+class Baseline(Marserve):
+    """marserve as it was at another commit (``--baseline``), run from a copy of that commit's
+    tree with this checkout's virtual environment: before / after a change, side by side."""
+
+    def __init__(self, work: Path, store: Path, ref: str) -> None:
+        self.name = f"marserve@{ref}"
+        source = work / "baseline-source"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        super().__init__(work, store)
+        # Ahead of the editable install: the frontend and its workers import the old tree.
+        self.env["PYTHONPATH"] = str(source)
 
 
 class TorchServe(Server):
@@ -343,6 +361,10 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per scenario, server and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario, alternating which server goes first")
     parser.add_argument("--skip-torchserve", action="store_true")
+    parser.add_argument(
+        "--baseline", metavar="GIT_REF",
+        help="compare with marserve at this commit instead of TorchServe (before/after a change)",
+    )  # fmt: skip
     parser.add_argument("--only", help="run only the scenarios whose label contains this text")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="marserve-bench-"))
@@ -366,7 +388,6 @@ def run(args: argparse.Namespace, work: Path) -> None:
     ]
     scenarios = [s for s in scenarios if not args.only or args.only in s.label]
     build_archives(store, {s.model for s in scenarios})
-    kinds = [Marserve] if args.skip_torchserve else [Marserve, TorchServe]
     servers: list[Server] = []
     results: dict[str, dict[str, list[Result]]] = {}
     rss: dict[str, float] = {}
@@ -374,9 +395,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
     # idle meanwhile); served figures are compared with the mean of its two.
     loops: dict[str, list[LoopResult]] = {}
     try:
-        for kind in kinds:
-            servers.append(kind(work, store))
-            servers[-1].start()
+        servers.append(Marserve(work, store))
+        if args.baseline:
+            servers.append(Baseline(work, store, args.baseline))
+        elif not args.skip_torchserve:
+            servers.append(TorchServe(work, store))
+        for server in servers:
+            server.start()
         for scenario in scenarios:
             for server in servers:
                 server.register(scenario.model, scenario.batch_size, scenario.max_batch_delay)
@@ -454,10 +479,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
             batch = statistics.median(lp.batch_ms_p50 for lp in runs)
             print(f"| {label} | {runs[0].torch_threads} | {batch:.2f} | {' | '.join(cells)} |")
     if len(servers) == 2:
-        print("\n| scenario | throughput ratio (median of rounds) | each round | p50 ratio (TorchServe / marserve) |")
+        other = servers[1].name
+        print(f"\n| scenario | throughput ratio marserve / {other} (median of rounds) | each round | p50 ratio ({other} / marserve) |")
         print("|---|---:|---|---:|")
         for label, by_server in results.items():
-            ours, theirs = by_server["marserve"], by_server["torchserve"]
+            ours, theirs = by_server["marserve"], by_server[other]
             ratios = [a.rps / b.rps for a, b in zip(ours, theirs)]
             p50s = [b.p50 / a.p50 for a, b in zip(ours, theirs)]
             each = ", ".join(f"{x:.2f}" for x in ratios)

@@ -186,7 +186,7 @@ def _serve_detached(config: ServerConfig, snapshots: SnapshotPlan, ready_fd: int
     code = 1
     try:
         code = run_foreground(config, snapshots, ready_fd)
-    except SystemExit as exc:  # uvicorn's way out when a port is taken, after logging why
+    except SystemExit as exc:  # serve()'s way out when a port is taken, after logging why
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - logged, and the parent sees the ready pipe close
         traceback.print_exc()

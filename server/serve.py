@@ -1,32 +1,32 @@
-"""Running the server: three uvicorn listeners, the registry and an ordered, bounded shutdown."""
+"""Running the server: the listeners, the registry and an ordered, bounded shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import shutil
 import signal
-import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import uvicorn
-
+from .apis import inference, management
+from .apis import metrics as metrics_api
+from .config import ServerConfig, key_warnings
 from .http.access_log import AccessLog, NoAccessLog
-from .apps import create_inference_app, create_management_app, create_metrics_app, serve_both
-from .http.auth import KEY_FILE_NAME, TokenAuth, exposed_addresses, tokens_required
-from .config import Address, ServerConfig
-from .connections import HttpProtocol
-from .workers.placement import detect_gpu_count
+from .http.auth import INFERENCE, KEY_FILE_NAME, MANAGEMENT, TokenAuth, exposed_addresses, tokens_required
+from .http.connection import Door
+from .http.listener import Listener, ListenError, tls_context
+from .http.policy import RequestPolicy, cors_headers
+from .http.routing import Router
 from .metrics.recording import Metrics, NoMetrics
-from .models.version import Observer
-from .predictions import PredictionService
 from .metrics.system import SystemMetrics
 from .models.registry import ModelRegistry, RegisterRequest
+from .models.status import WorkerState
 from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
+from .models.version import Observer
+from .workers.placement import detect_gpu_count
 
 log = logging.getLogger("marserve")
 
@@ -34,53 +34,33 @@ log = logging.getLogger("marserve")
 GRACEFUL_SHUTDOWN_SECONDS = 30
 
 
-class _Listener(uvicorn.Server):
-    # Signals are handled once for all three listeners, by serve(); uvicorn must not take them.
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
-        yield
+def _listeners(
+    config: ServerConfig, registry: ModelRegistry, metrics: Metrics, auth: TokenAuth | None, policy: RequestPolicy
+) -> list[Listener]:
+    """One listener per address; the inference and management APIs share one when their
+    addresses are the same, as in TorchServe."""
 
+    def listener(api: str, router: Router) -> Listener:
+        address = getattr(config, f"{api}_address")
+        tls = None
+        if address.ssl:
+            # ServerConfig made sure both files are set for an https address.
+            assert config.certificate_file is not None and config.private_key_file is not None
+            tls = tls_context(config.certificate_file, config.private_key_file)
+        return Listener(api, address, Door(router, policy, config.request_read_timeout), tls)
 
-def _listener(
-    app: object, address: Address, config: ServerConfig, predictions: PredictionService | None = None
-) -> _Listener:
-    protocol = functools.partial(HttpProtocol, read_timeout=config.request_read_timeout, predictions=predictions)
-    return _Listener(
-        uvicorn.Config(
-            app,  # type: ignore[arg-type]
-            host=address.host,
-            port=address.port,
-            # uvicorn's httptools protocol, with caps on request heads and a read timeout; on the
-            # inference port it answers predictions itself.
-            http=protocol,  # type: ignore[arg-type]
-            log_config=None,
-            # uvicorn's access logger is shared by all listeners; marserve writes its own.
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-            server_header=False,
-            # Forwarded-for headers are trusted from nobody: marserve is not deployed behind a
-            # proxy by default, and the check costs time on every request.
-            proxy_headers=False,
-            # Only https addresses use TLS; ServerConfig made sure they have both files.
-            ssl_certfile=str(config.certificate_file) if address.ssl else None,
-            ssl_keyfile=str(config.private_key_file) if address.ssl else None,
-        )
-    )
-
-
-def _load_tls(listeners: list[_Listener]) -> None:
-    """Read the certificate and key now, so a bad file stops start-up with a message."""
-    for listener in listeners:
-        if listener.config.ssl_certfile:
-            try:
-                listener.config.load()
-            except (OSError, ssl.SSLError) as exc:
-                log.error(
-                    "cannot use certificate_file %s with private_key_file %s: %s",
-                    listener.config.ssl_certfile, listener.config.ssl_keyfile, exc,
-                )  # fmt: skip
-                raise SystemExit(1) from None
+    inference_routes = inference.routes(registry, metrics)
+    management_routes = management.routes(registry, auth, config)
+    if config.management_address == config.inference_address:
+        listeners = [listener("inference", Router(inference_routes, management_routes, default_key=INFERENCE))]
+    else:
+        listeners = [
+            listener("inference", Router(inference_routes, default_key=INFERENCE)),
+            listener("management", Router(management_routes, default_key=MANAGEMENT)),
+        ]
+    if config.enable_metrics_api:
+        listeners.append(listener("metrics", Router(metrics_api.routes(metrics, config.metrics_mode), default_key=None)))
+    return listeners
 
 
 async def serve(
@@ -96,6 +76,8 @@ async def serve(
 
     ``snapshots`` says what to restore at start and where to save the models' state (None: neither).
     """
+    for warning in key_warnings(config):
+        log.warning("%s", warning)
     access_log = access_log or NoAccessLog()
     stop = stop or asyncio.Event()
     snapshots = snapshots or SnapshotPlan(restore=None, save_to=None)
@@ -119,53 +101,43 @@ async def serve(
         config, environ=environ, gpu_count=gpus, workdir=workdir, observer=observer,
         on_change=writer.save if writer is not None else None,
     )  # fmt: skip
-    metrics.watch_workers(
-        lambda: [(m.name, m.version, slot.status) for m in registry.all_models() for slot in m.slots]
-    )
+    metrics.watch_workers(lambda: [(m.name, m.version, w.state) for m in registry.status() for w in m.workers])
     if not config.disable_system_metrics:
         metrics.registry.register(
             SystemMetrics(
                 metrics.hostname,
                 lambda: [
-                    (m.name, m.version, slot.id, slot.process.pid)
-                    for m in registry.all_models()
-                    for slot in m.slots
-                    if slot.status == "READY" and slot.process is not None and slot.process.pid
+                    (m.name, m.version, w.id, w.pid)
+                    for m in registry.status()
+                    for w in m.workers
+                    if w.state == WorkerState.READY and w.pid
                 ],
             )
         )
     auth = _token_auth(config, Path.cwd() / KEY_FILE_NAME)
-    inference_app = create_inference_app(registry, metrics, access_log, auth)
-    management_app = create_management_app(registry, metrics, access_log, auth)
-    predictions = PredictionService(registry, metrics, access_log, auth, config.max_request_size)
-    if config.management_address == config.inference_address:
-        both = serve_both(inference_app, management_app)
-        listeners = [_listener(both, config.inference_address, config, predictions)]
-    else:
-        listeners = [
-            _listener(inference_app, config.inference_address, config, predictions),
-            _listener(management_app, config.management_address, config),
-        ]
-    if config.enable_metrics_api:
-        app = create_metrics_app(metrics, access_log, config.max_request_size)
-        listeners.append(_listener(app, config.metrics_address, config))
-    tasks: list[asyncio.Task[None]] = []
+    policy = RequestPolicy(
+        auth=auth,
+        max_request_size=config.max_request_size,
+        metrics=metrics,
+        access_log=access_log,
+        cors=cors_headers(config.cors_allowed_origin, config.cors_allowed_methods, config.cors_allowed_headers),
+    )
+    listeners: list[Listener] = []
     try:
-        _load_tls(listeners)
-        if auth is not None:
-            # Before the listeners start: no port answers before the file exists.
-            try:
-                auth.publish()
-            except OSError as exc:
-                log.error("cannot write the token key file %s: %s", auth.key_file, exc)
-                raise SystemExit(1) from None
-        tasks = [asyncio.create_task(listener.serve()) for listener in listeners]
-        while not all(listener.started for listener in listeners):
-            if any(task.done() for task in tasks):
-                # A listener that ends before starting could not bind: uvicorn logged why.
-                raise SystemExit(1)
-            await asyncio.sleep(0.01)
-        urls = [f"{a.scheme}://{a.host}:{a.port}" for a in _addresses(config)]
+        try:
+            listeners = _listeners(config, registry, metrics, auth, policy)
+            if auth is not None:
+                # Before the listeners start: no port answers before the file exists.
+                try:
+                    auth.publish()
+                except OSError as exc:
+                    raise ListenError(f"cannot write the token key file {auth.key_file}: {exc}") from None
+            for listener in listeners:
+                await listener.start()
+        except ListenError as exc:
+            log.error("%s", exc)
+            raise SystemExit(1) from None
+        urls = [a.url for a in (config.inference_address, config.management_address, config.metrics_address)]
         log.info("marserve listening: inference %s, management %s, metrics %s", *urls)
         if on_ready is not None:
             on_ready(urls)
@@ -176,9 +148,7 @@ async def serve(
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
-        for listener in listeners:
-            listener.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(listener.stop(GRACEFUL_SHUTDOWN_SECONDS) for listener in listeners))
         access_log.close()
         if auth is not None:
             auth.withdraw()
@@ -207,10 +177,6 @@ def _token_auth(config: ServerConfig, key_file: Path) -> TokenAuth | None:
     elif auth is not None:
         log.info("token authorization is on (inference and management); keys in %s", key_file)
     return auth
-
-
-def _addresses(config: ServerConfig) -> list[object]:
-    return [config.inference_address, config.management_address, config.metrics_address]
 
 
 async def _load_startup_models(registry: ModelRegistry, config: ServerConfig, saved: SavedState | None) -> None:

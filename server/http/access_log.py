@@ -16,8 +16,6 @@ import logging
 import time
 from typing import TextIO
 
-from starlette.types import Scope
-
 LOGGER_NAME = "marserve.access"
 
 log = logging.getLogger("marserve")
@@ -36,11 +34,12 @@ class AccessLog:
         self._second = -1
         self._prefix = ""
 
-    def record(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+    def record(
+        self, client: tuple[str, int] | None, method: str, path: str, status: int, started: float, request_id: str
+    ) -> None:
         """One request: client, request line, status, latency since ``started`` and request id."""
-        client = scope.get("client") or ("-", 0)
         ms = (time.perf_counter() - started) * 1000
-        message = f'{client[0]} "{scope["method"]} {scope["path"]}" {status} {ms:.2f}ms {request_id}'
+        message = f'{client[0] if client else "-"} "{method} {path}" {status} {ms:.2f}ms {request_id}'
         now = time.time()
         if self._json:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
@@ -84,7 +83,9 @@ class NoAccessLog(AccessLog):
     def __init__(self) -> None:
         pass
 
-    def record(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+    def record(
+        self, client: tuple[str, int] | None, method: str, path: str, status: int, started: float, request_id: str
+    ) -> None:
         pass
 
     def flush(self) -> None:

@@ -22,12 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from .access_log import AccessLog
 from ..config import Address, ServerConfig
-from ..errors import Unauthorized
-from . import ObserveResponses, StatusCounter, error_response
 
 KEY_FILE_NAME = "key_file.json"
 INFERENCE = "inference"
@@ -110,40 +105,6 @@ class TokenAuth:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-
-
-class RequireToken:
-    """ASGI wrapper answering 401 unless a request carries the key its route needs.
-
-    ``key_for`` names that key for a request's scope (None: the route is open). Refusals are
-    counted and access-logged like any other response.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        auth: TokenAuth,
-        key_for: Callable[[Scope], str | None],
-        metrics: StatusCounter,
-        access_log: AccessLog,
-    ) -> None:
-        self.app = app
-        self.auth = auth
-        self.key_for = key_for
-        self.refuse = ObserveResponses(_refuse, metrics, access_log)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            kind = self.key_for(scope)
-            if kind is not None:
-                if not self.auth.allows_request(kind, scope["headers"]):
-                    await self.refuse(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
-    await error_response(Unauthorized(REFUSED))(scope, receive, send)
 
 
 def _new_key() -> bytes:

@@ -129,7 +129,7 @@ def test_port_in_use_fails_the_start(tmp_path: Path) -> None:
     assert result.returncode == 1
     log = server.root / "logs" / "ts_log.log"
     assert result.stderr.strip() == f"serve: error: marserve failed to start; see {log} and marserve.log there"
-    assert f"('127.0.0.1', {server.ports[1]}): address already in use" in log.read_text()
+    assert f"cannot listen on 127.0.0.1:{server.ports[1]} (management_address): address already in use" in log.read_text()
     assert "Traceback" not in (server.root / "logs" / "marserve.log").read_text()
 
 

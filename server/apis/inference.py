@@ -1,0 +1,81 @@
+"""TorchServe's inference API (port 8080): predictions, explanations, ping and API descriptions.
+
+A prediction is queued as a job on its model version and answered by the worker's reply as it
+arrives: the route returns the job's future, and the connection writes the reply when it is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from ..http.auth import INFERENCE
+from ..http.forms import request_params
+from ..http.request import Request
+from ..http.responses import Response, json_response
+from ..http.routing import Route, methods
+from ..metrics.recording import Metrics
+from ..models.batching import Job, Reply
+from ..models.registry import ModelRegistry
+from .openapi import for_model, inference_openapi
+
+# TorchServe does not check the method of a prediction: curl -T (PUT) and GET work too.
+_PREDICT_METHODS = methods("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")
+_ANY = methods("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+
+def routes(registry: ModelRegistry, metrics: Metrics) -> list[Route]:
+    def ping(request: Request) -> Response:
+        return json_response({"status": "Healthy"})
+
+    def api_description(request: Request) -> Response:
+        return json_response(inference_openapi())
+
+    def model_description(request: Request) -> Response:
+        name = request.path_params["model_name"]
+        registry.get(name)
+        return json_response(for_model(inference_openapi(), name, ("/predictions/", "/explanations/")))
+
+    return [
+        # Open without a token: the API descriptions (as in TorchServe) and /ping, so that health
+        # checks and load balancers need no secret.
+        Route("/", api_description, methods("OPTIONS"), None, reads_body=False),
+        Route("/api-description", api_description, _ANY, None, reads_body=False),
+        Route("/ping", ping, _ANY, None, reads_body=False),
+        Route("/predictions/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
+        Route("/predictions/{model_name}/{rest:path}", _predict(registry, metrics, False), _PREDICT_METHODS, INFERENCE),
+        Route("/explanations/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
+        Route("/explanations/{model_name}/{rest:path}", _predict(registry, metrics, True), _PREDICT_METHODS, INFERENCE),
+    ]
+
+
+def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callable[[Request], asyncio.Future[Reply]]:
+    explain_header = ("explain", "True" if explain else "False")
+
+    def predict(request: Request) -> asyncio.Future[Reply]:
+        """Queue the request on its model version; segments after the version become the
+        ``url_path`` header handlers can read."""
+        name = request.path_params["model_name"]
+        version, _, url_path = request.path_params["rest"].partition("/")
+        model = registry.get(name, version or None)
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        headers.append(explain_header)
+        headers.append(("url_path", url_path.strip("/")))
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        job = Job(request.request_id, headers, request_params(request.content_type(), request.body), future, request.received)
+
+        def record(_: object) -> None:
+            # TorchServe counts every request that reached its queue, even one refused there.
+            queued = job.dispatched - job.received if job.dispatched else 0.0
+            metrics.inference(name, version or None, model.version, time.perf_counter() - job.received, queued)
+
+        try:
+            model.submit(job, versioned=bool(version))
+        except BaseException:
+            record(None)
+            raise
+        future.add_done_callback(record)
+        return future
+
+    return predict

@@ -1,0 +1,434 @@
+"""One HTTP/1.1 client connection, parsed by httptools: the front door of every port.
+
+A request goes through the same steps whatever its route:
+
+1. its head is parsed and capped (``MAX_HEAD_BYTES``, ``MAX_HEADERS``); anything that is not
+   HTTP is answered with TorchServe's JSON 400 and the connection closes;
+2. the listener's router names its route, and the policy (``policy.RequestPolicy``) gives it a
+   request id and refuses it on its head alone (413, 401), or the route refuses it (404, 405);
+3. its body is collected up to ``max_request_size``, or dropped if the route reads none;
+4. the route's handler answers it: at once, with a future (a queued inference job: no task is
+   started for it), or with a coroutine, run as a task;
+5. the answer is written in one send, with the policy's headers; the policy counts it and
+   writes its access-log line.
+
+Pipelined requests are answered in order, one at a time; the connection stops reading while
+one waits its turn, and stops starting new ones while the client does not read its answers.
+A connection that owes the rest of a request and stays silent for ``read_timeout`` seconds
+is closed; so is one idle for ``keep_alive`` seconds between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+from ..errors import BadRequest, ServerError
+from .policy import RequestPolicy
+from .request import Request
+from .responses import Answer, Response, head, torchserve_error
+from .routing import Route, Router
+
+log = logging.getLogger("marserve.http")
+
+# The request line and headers together; cookies and tokens fit with room to spare.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+KEEP_ALIVE_SECONDS = 5.0
+INVALID = "Invalid HTTP message."
+HEAD_TOO_LARGE = f"Invalid HTTP message: the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+TOO_MANY_HEADERS = f"Invalid HTTP message: more than {MAX_HEADERS} header fields"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(eq=False)
+class Door:
+    """What one listener's connections share: its routes, the policy and its timeouts."""
+
+    router: Router
+    policy: RequestPolicy
+    read_timeout: float
+    keep_alive: float = KEEP_ALIVE_SECONDS
+    connections: set[HttpConnection] = field(default_factory=set)
+    #: Set when the server stops: answers say ``connection: close``.
+    closing: bool = False
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to refuse the message (the reason is ``_refusal``)."""
+
+
+class _Exchange:
+    """One request on this connection, from its head to its answer."""
+
+    __slots__ = ("request", "route", "refusal", "chunks", "size", "body_seen", "complete", "started", "answered", "pending")
+
+    def __init__(self, request: Request, route: Route, refusal: ServerError | None) -> None:
+        self.request = request
+        self.route = route
+        self.refusal = refusal  # decided from the head: answered as soon as it is this request's turn
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.body_seen = False
+        self.complete = False
+        self.started = False
+        self.answered = False
+        self.pending: asyncio.Future[Any] | None = None
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, door: Door, loop: asyncio.AbstractEventLoop) -> None:
+        self.door = door
+        self.loop = loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = True
+        self._head_bytes = 0  # raw bytes received since the head began
+        self._incomplete = True  # the client owes the rest of a request (or its first byte)
+        self._receiving: _Exchange | None = None  # the request whose body is arriving
+        self._queue: deque[_Exchange] = deque()  # answered in order; [0]'s turn
+        self._refusal = INVALID
+        self._closing = False
+        self._advancing = False
+        self._read_paused = False
+        self._write_paused = False
+        self._last_read = 0.0
+        self._idle_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the transport ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio's classes
+        peer = transport.get_extra_info("peername")
+        self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass  # not TCP
+        self.door.connections.add(self)
+        self._last_read = self.loop.time()
+        self._arm(self.door.read_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for exchange in list(self._queue):
+            self._client_gone(exchange)
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Only plain HTTP/1.1 is spoken here: the request is answered as one, and the
+            # connection closes after it, since what follows is not HTTP/1.1.
+            self._closing = True
+            if self._receiving is not None:
+                self.on_message_complete()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc, httptools.HttpParserCallbackError) and not isinstance(exc.__context__, _Refused):
+                log.error("error parsing a request from %s", self.client, exc_info=exc.__context__)
+            self._refuse(self._refusal)
+            return
+        # httptools holds an unfinished header line in memory, unseen by the callbacks: a head
+        # still unfinished after more bytes than the cap is too large, whatever its shape.
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and self._incomplete:
+            self._refuse(HEAD_TOO_LARGE)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._advance()
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if no request is being answered, else after it."""
+        self._closing = True
+        if not self._queue and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._in_head = True
+        self._incomplete = True
+        if self._timer is None:
+            self._arm(self.door.read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        if len(self._headers) > MAX_HEADERS:
+            self._refusal = TOO_MANY_HEADERS
+            raise _Refused
+
+    def on_headers_complete(self) -> None:
+        headers = self._headers
+        # A head that arrived in one read is only seen whole here; one read is at most the event
+        # loop's read buffer, so what was parsed before this check is bounded too.
+        if len(self._url) + sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEAD_BYTES:
+            self._refusal = HEAD_TOO_LARGE
+            raise _Refused
+        self._in_head = False
+        parser = self.parser
+        try:
+            url = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            self._refusal = INVALID
+            raise _Refused from None
+        path = url.path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        method = parser.get_method().decode("ascii")
+        door = self.door
+        policy = door.policy
+        keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
+        request = Request(
+            method, path, url.query or b"", headers, self.client, policy.request_id(), time.perf_counter(),
+            keep_alive,
+        )  # fmt: skip
+        route, request.path_params = door.router.match(method, path)
+        exchange = _Exchange(request, route, policy.check_head(route.key, headers))
+        self._receiving = exchange
+        self._queue.append(exchange)
+        if len(self._queue) == 1:
+            self._advance()
+        elif not self._read_paused and self.transport is not None:
+            # Pipelined: it waits for the ones before it, and so does whatever follows it.
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._receiving
+        if exchange is None:
+            return
+        exchange.body_seen = True
+        if exchange.answered or exchange.refusal is not None or not exchange.route.reads_body:
+            return  # read and dropped
+        exchange.size += len(body)
+        if exchange.size > self.door.policy.limit:
+            exchange.chunks = []
+            exchange.refusal = self.door.policy.body_too_large()
+            if exchange.started:
+                self._answer_error(exchange, exchange.refusal)
+            return
+        exchange.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self._incomplete = False
+        self._in_head = True
+        self._head_bytes = 0
+        exchange, self._receiving = self._receiving, None
+        if exchange is None:
+            return
+        exchange.complete = True
+        if exchange.started and not exchange.answered and exchange.refusal is None and exchange.route.reads_body:
+            self._dispatch(exchange)
+
+    # -- answering -------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start the request whose turn it is, and the next ones while they are answered at once."""
+        transport = self.transport
+        if self._advancing or transport is None or transport.is_closing():
+            return  # the loop below is running further up the stack, or nobody is listening
+        self._advancing = True
+        try:
+            while self._queue and not self._write_paused and not self._queue[0].started:
+                self._start(self._queue[0])
+                if transport.is_closing():
+                    return
+        finally:
+            self._advancing = False
+        if self._read_paused and len(self._queue) <= 1:
+            self._read_paused = False
+            transport.resume_reading()
+        if not self._queue and not self._incomplete:
+            self._idle_since = self.loop.time()
+            if self._timer is None:
+                self._arm(self.door.keep_alive)
+
+    def _start(self, exchange: _Exchange) -> None:
+        exchange.started = True
+        if exchange.refusal is not None:
+            self._answer_error(exchange, exchange.refusal)
+        elif exchange.complete or not exchange.route.reads_body:
+            self._dispatch(exchange)
+        elif exchange.request.header(b"expect") == b"100-continue" and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def _dispatch(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        chunks = exchange.chunks
+        if chunks:
+            request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            exchange.chunks = []
+        try:
+            result = exchange.route.handler(request)
+        except ServerError as error:
+            self._answer_error(exchange, error)
+            return
+        except Exception as exc:  # a bug must still answer, in the route's format
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            self._answer_error(exchange, ServerError(f"{type(exc).__name__}: {exc}"))
+            return
+        if isinstance(result, asyncio.Future):
+            pending: asyncio.Future[Any] = result
+        elif asyncio.iscoroutine(result):
+            pending = self.loop.create_task(result)
+        else:
+            self._answer(exchange, result)  # type: ignore[arg-type]
+            return
+        exchange.pending = pending
+        pending.add_done_callback(lambda done: self._on_result(exchange, done))
+
+    def _on_result(self, exchange: _Exchange, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            # Cancelled because the client left (_client_gone): nobody reads this answer.
+            if not exchange.answered:
+                exchange.answered = True
+                self._finished(exchange, 499)
+            return
+        error = done.exception()
+        if error is None:
+            self._answer(exchange, done.result())
+        elif isinstance(error, ServerError):
+            self._answer_error(exchange, error)
+        else:
+            request = exchange.request
+            log.error("unexpected error serving %s %s: %r", request.method, request.path, error)
+            self._answer_error(exchange, ServerError(f"{type(error).__name__}: {error}"))
+
+    def _answer_error(self, exchange: _Exchange, error: ServerError) -> None:
+        answer = exchange.route.errors(error)
+        if error.headers:
+            # What the status means in HTTP, whatever the dialect: a 401's challenge, say.
+            headers = (*answer.headers, *error.headers.items())
+            answer = Response(answer.status, answer.body, answer.content_type, headers, answer.phrase)
+        self._answer(exchange, answer)
+
+    def _answer(self, exchange: _Exchange, answer: Answer) -> None:
+        policy = self.door.policy
+        try:
+            lines = head(answer, policy.headers, policy.header_lines, exchange.request.request_id)
+        except ValueError as exc:
+            self._answer_error(exchange, ServerError(f"The handler set an invalid {exc}"))
+            return
+        self._send(exchange, answer.status, lines, answer.body)
+
+    def _send(self, exchange: _Exchange, status: int, lines: bytes, body: bytes) -> None:
+        if exchange.answered:
+            return
+        exchange.answered = True
+        request = exchange.request
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            close = not request.keep_alive or self._closing or self.door.closing
+            if not exchange.complete and not exchange.body_seen and request.header(b"expect") is not None:
+                # Answered before a body the client holds back until told to continue: whether it
+                # sends it now is up to the client, so the next bytes may not be a request.
+                close = True
+            transport.write(
+                b"".join((
+                    lines, self.door.policy.date_line(), b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n" if close else b"\r\n",
+                    b"" if request.method == "HEAD" else body,
+                ))
+            )  # fmt: skip
+            if close:
+                self._closing = True
+                transport.close()
+        self._finished(exchange, status)
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        self._advance()
+
+    def _finished(self, exchange: _Exchange, status: int) -> None:
+        request = exchange.request
+        self.door.policy.answered(
+            self.client, request.method, request.path, status, request.received, request.request_id
+        )
+
+    def _client_gone(self, exchange: _Exchange) -> None:
+        """The connection closed before ``exchange`` was answered."""
+        if exchange.answered:
+            return
+        pending = exchange.pending
+        if pending is None:
+            exchange.answered = True
+            self._finished(exchange, 499)
+        elif not isinstance(pending, asyncio.Task):
+            # A queued job: cancelled, so that no worker runs it (_on_result records it).
+            pending.cancel()
+        # A task runs on (a registration, say); its status is recorded when it ends.
+
+    def _refuse(self, message: str) -> None:
+        """Answer what is not HTTP (or over the head caps) with TorchServe's JSON 400, and close."""
+        self._refusal = INVALID
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        policy = self.door.policy
+        error = BadRequest(message)
+        lines = head(torchserve_error(error), policy.headers, policy.header_lines, policy.request_id())
+        body = error.body()
+        transport.write(lines + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self._closing = True
+        transport.close()
+
+    # -- timeouts --------------------------------------------------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        self._timer = self.loop.call_later(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        door = self.door
+        if self._incomplete:
+            silent = now - self._last_read
+            if silent < door.read_timeout or self._read_paused:
+                # Data came meanwhile, or the server stopped reading, not the client: look again
+                # when the client has had its full time.
+                self._arm(door.read_timeout - silent if silent < door.read_timeout else door.read_timeout)
+                return
+            log.info("closing a connection from %s: no request data for %g s", self.client, door.read_timeout)
+            transport.close()
+        elif not self._queue:
+            idle = now - self._idle_since
+            if idle < door.keep_alive:
+                self._arm(door.keep_alive - idle)
+                return
+            transport.close()
+        # Otherwise a request is being answered: the timer is armed again when it is.

@@ -1,0 +1,230 @@
+"""The front door on its own: a listener with routes of a protocol it has never heard of gets
+the whole request policy (request ids, tokens, body limits, headers, counters, the access log)
+without any of it written again, and answers routes that reply at once, with a future or with a
+coroutine. Real sockets, a real HTTP client; no model server around it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import Address
+from server.errors import BadRequest, ServerError
+from server.http.access_log import AccessLog
+from server.http.auth import INFERENCE, TokenAuth
+from server.http.connection import Door
+from server.http.listener import Listener
+from server.http.policy import RequestPolicy
+from server.http.request import Request
+from server.http.responses import Answer, Response, json_response
+from server.http.routing import Route, Router, methods
+from tests.conftest import free_port
+
+LIMIT = 1000
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def response(self, status: int) -> None:
+        self.statuses.append(status)
+
+
+def plain_error(error: ServerError) -> Answer:
+    """A dialect of our own: what a new protocol would plug in for its errors."""
+    return Response(error.status_code, f"error: {error.message}".encode(), "text/plain")
+
+
+class FrontDoor:
+    """A listener on a free port, served by an event loop in a thread."""
+
+    def __init__(self, tmp: Path, with_auth: bool) -> None:
+        self.auth = TokenAuth(tmp / "key_file.json", 60) if with_auth else None
+        self.counter = Counter()
+        self.log = io.StringIO()
+        self.loop = asyncio.new_event_loop()
+        self.futures: list[asyncio.Future[Answer]] = []
+        self.port = free_port()
+        policy = RequestPolicy(
+            auth=self.auth, max_request_size=LIMIT, metrics=self.counter, access_log=AccessLog(self.log),
+            cors=(("access-control-allow-origin", "https://example.com"),),
+        )  # fmt: skip
+        router = Router(self.routes(), default_key=INFERENCE)
+        self.listener = Listener("test", Address(scheme="http", host="127.0.0.1", port=self.port), Door(router, policy, 5))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.listener.start(), self.loop).result(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def routes(self) -> list[Route]:
+        def now(request: Request) -> Response:
+            return json_response({"id": request.request_id, "body": request.body.decode(), "q": request.query})
+
+        def later(request: Request) -> asyncio.Future[Answer]:
+            future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+            self.futures.append(future)
+            return future
+
+        async def slowly(request: Request) -> Response:
+            await asyncio.sleep(0.05)
+            if request.body == b"fail":
+                raise BadRequest("asked to fail")
+            return Response(201, request.body[::-1], "text/plain", (("x-kind", "coroutine"),))
+
+        def broken(request: Request) -> Response:
+            raise RuntimeError("a bug")
+
+        return [
+            Route("/v9/now", now, methods("POST", "GET"), INFERENCE, errors=plain_error),
+            Route("/v9/later", later, methods("POST"), INFERENCE, errors=plain_error),
+            Route("/v9/slowly", slowly, methods("POST"), INFERENCE, errors=plain_error),
+            Route("/v9/broken", broken, methods("GET"), INFERENCE, errors=plain_error),
+            Route("/v9/open", now, methods("GET"), None, reads_body=False, errors=plain_error),
+        ]
+
+    def resolve(self, answer: Answer) -> None:
+        def set_it() -> None:
+            self.futures.pop(0).set_result(answer)
+
+        self.loop.call_soon_threadsafe(set_it)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.listener.stop(5), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def door(tmp_path: Path) -> Iterator[FrontDoor]:
+    front = FrontDoor(tmp_path, with_auth=False)
+    yield front
+    front.close()
+
+
+@pytest.fixture
+def locked(tmp_path: Path) -> Iterator[FrontDoor]:
+    front = FrontDoor(tmp_path, with_auth=True)
+    yield front
+    front.close()
+
+
+def test_a_route_answering_at_once_gets_the_policy_headers(door: FrontDoor) -> None:
+    response = httpx.post(f"{door.url}/v9/now/?a=1&a=2&b=", content=b"hello")
+    assert response.status_code == 200
+    assert response.json() == {"id": response.headers["x-request-id"], "body": "hello", "q": {"a": "2", "b": ""}}
+    assert response.headers["cache-control"] == "no-cache; no-store, must-revalidate, private"
+    assert response.headers["access-control-allow-origin"] == "https://example.com"
+    assert "date" in response.headers
+    door.listener.door.policy.access_log.flush()
+    assert f'"POST /v9/now/" 200' in door.log.getvalue()
+    assert response.headers["x-request-id"] in door.log.getvalue()
+    assert door.counter.statuses == [200]
+
+
+def wait_until(condition: Callable[[], object]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def read_all(sock: socket.socket, until: bytes) -> bytes:
+    data = b""
+    while until not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def test_a_route_answering_with_a_future_and_with_a_coroutine(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"POST /v9/later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+        wait_until(lambda: door.futures)
+        # The connection waits for the future; another connection is not held up meanwhile.
+        assert httpx.post(f"{door.url}/v9/slowly", content=b"abc").content == b"cba"
+        door.resolve(Response(202, b"done", "text/plain", (("x-extra", "1"), ("content-length", "99"))))
+        answer = read_all(sock, b"done")
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
+    assert b"x-extra: 1\r\n" in answer and b"content-length: 4\r\n" in answer and b"99" not in answer
+    reply = httpx.post(f"{door.url}/v9/slowly", content=b"abc")
+    assert (reply.status_code, reply.headers["x-kind"], reply.headers["content-type"]) == (201, "coroutine", "text/plain")
+
+
+def test_errors_are_rendered_in_the_routes_dialect(door: FrontDoor) -> None:
+    assert httpx.post(f"{door.url}/v9/slowly", content=b"fail").text == "error: asked to fail"
+    broken = httpx.get(f"{door.url}/v9/broken")
+    assert (broken.status_code, broken.text) == (500, "error: RuntimeError: a bug")
+    wrong_method = httpx.delete(f"{door.url}/v9/now")
+    assert (wrong_method.status_code, wrong_method.text) == (405, "error: Requested method is not allowed, please refer to API document.")
+    # A path no route has is the listener's 404, in TorchServe's JSON.
+    assert httpx.get(f"{door.url}/v9/nothing").json()["code"] == 404
+
+
+def test_body_limits_apply_to_every_route(door: FrontDoor) -> None:
+    declared = httpx.post(f"{door.url}/v9/now", content=b"x" * (LIMIT + 1))
+    assert (declared.status_code, declared.text) == (413, f"error: Request body of {LIMIT + 1} bytes exceeds max_request_size ({LIMIT})")
+    chunked = httpx.post(f"{door.url}/v9/now", content=iter([b"x" * 600, b"y" * 600]))
+    assert (chunked.status_code, chunked.text) == (413, f"error: Request body exceeds max_request_size ({LIMIT})")
+    assert httpx.post(f"{door.url}/v9/now", content=iter([b"x" * 500, b"y" * 500])).json()["body"] == "x" * 500 + "y" * 500
+
+
+def test_tokens_apply_to_every_route_that_names_a_key(locked: FrontDoor) -> None:
+    assert locked.auth is not None
+    refused = httpx.post(f"{locked.url}/v9/now", content=b"x")
+    assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
+    # Unknown paths need the listener's key too, so they tell a client without one nothing.
+    assert httpx.get(f"{locked.url}/v9/nothing").status_code == 401
+    assert httpx.get(f"{locked.url}/v9/open").status_code == 200
+    key = locked.auth._keys[INFERENCE].value.decode()
+    allowed = httpx.post(f"{locked.url}/v9/now", content=b"x", headers={"Authorization": f"Bearer {key}"})
+    assert allowed.status_code == 200
+
+
+def test_pipelined_requests_of_all_kinds_are_answered_in_order(door: FrontDoor) -> None:
+    requests = [
+        b"POST /v9/slowly HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /v9/open HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v9/now HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+        b"GET /v9/nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] * 50
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"".join(requests))
+        data = b""
+        while data.count(b"HTTP/1.1 ") < len(requests):
+            chunk = sock.recv(65536)
+            assert chunk, data[-500:]
+            data += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    assert statuses == [201, 200, 200, 404] * 50
+
+
+def test_a_client_that_leaves_cancels_its_future(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"POST /v9/later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+        wait_until(lambda: door.futures)
+        future = door.futures[0]
+    wait_until(future.cancelled)
+    door.loop.call_soon_threadsafe(door.listener.door.policy.access_log.flush)
+    wait_until(lambda: '"POST /v9/later" 499' in door.log.getvalue())
+
+
+def test_something_that_is_not_http_is_a_json_400(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b'"type": "BadRequestException"' in data and b"connection: close" in data
