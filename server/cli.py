@@ -54,7 +54,7 @@ def _running_pid() -> int | None:
 
 
 class _OneLineCommand(click.Command):
-    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -99,11 +99,8 @@ def cli(action: str, **options: Any) -> int:
     return start_background(config, snapshots)
 
 
-def _config(options: dict[str, Any]) -> ServerConfig:
-    env = dict(os.environ)
-    path = env.get("TS_CONFIG_FILE") or options["ts_config"]
-    if path is None and Path("config.properties").is_file():
-        path = "config.properties"
+def config_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """What the command line sets in the configuration (``options`` as click parsed them)."""
     overrides: dict[str, Any] = {}
     if options["model_store"] is not None:
         overrides["model_store"] = str(options["model_store"])
@@ -114,6 +111,15 @@ def _config(options: dict[str, Any]) -> ServerConfig:
         overrides["enable_model_api"] = "true"
     if options["disable_token_auth"]:
         overrides["disable_token_authorization"] = "true"
+    return overrides
+
+
+def _config(options: dict[str, Any]) -> ServerConfig:
+    env = dict(os.environ)
+    path = env.get("TS_CONFIG_FILE") or options["ts_config"]
+    if path is None and Path("config.properties").is_file():
+        path = "config.properties"
+    overrides = config_overrides(options)
     if path is not None and not Path(path).is_file():
         raise click.ClickException(f"--ts-config file not found: {path}")
     try:
@@ -212,6 +218,7 @@ def _read_ready(fd: int, timeout: float) -> list[str] | None:
 
 def run_foreground(config: ServerConfig, snapshots: SnapshotPlan | None = None, ready_fd: int | None = None) -> int:
     """Serve until stopped; with ``ready_fd`` (a background start) say on it where the ports listen."""
+    from .http.auth import KEY_FILE_NAME
     from .logs import configure_logging
     from .serve import serve
 
@@ -223,8 +230,18 @@ def run_foreground(config: ServerConfig, snapshots: SnapshotPlan | None = None, 
             os.write(ready_fd, (" ".join(urls) + "\n").encode())
             os.close(ready_fd)
 
+    async def until_signalled() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(
+            config, environ=dict(os.environ), stop=stop, key_file=Path.cwd() / KEY_FILE_NAME,
+            temp_dir=Path(tempfile.gettempdir()), on_ready=on_ready, access_log=access_log, snapshots=snapshots,
+        )  # fmt: skip
+
     try:
-        _run(serve(config, environ=dict(os.environ), on_ready=on_ready, access_log=access_log, snapshots=snapshots))
+        _run(until_signalled())
     finally:
         if _running_pid() == os.getpid():
             pid_file().unlink(missing_ok=True)

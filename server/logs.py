@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from .http.access_log import AccessLog, NoAccessLog
 from .config import ServerConfig
@@ -27,6 +28,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def log_formatter(config: ServerConfig) -> logging.Formatter:
+    """The server log's lines: text, or one JSON object a line (``log_format``)."""
+    if config.log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def access_log_to(stream: TextIO, config: ServerConfig, owns_stream: bool = False) -> AccessLog:
+    """The access log on ``stream``: one line a request, unless ``log_level`` is above INFO."""
+    if logging.getLevelName(config.log_level) > logging.INFO:
+        return NoAccessLog()
+    return AccessLog(stream, config.log_format == "json", owns_stream)
+
+
 def configure_logging(config: ServerConfig, foreground: bool) -> AccessLog:
     """Foreground: every log to stderr. Background: TorchServe's files in ``log_location``:
     ``ts_log.log`` (server), ``access_log.log`` (one line a request) and ``model_log.log``
@@ -34,19 +49,14 @@ def configure_logging(config: ServerConfig, foreground: bool) -> AccessLog:
 
     Returns the access log, which bypasses ``logging`` for speed (see access_log.py).
     """
-    formatter: logging.Formatter = (
-        JsonFormatter() if config.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )  # fmt: skip
+    formatter = log_formatter(config)
     root = logging.getLogger()
     root.setLevel(config.log_level)
-    json_lines = config.log_format == "json"
-    access_on = logging.getLevelName(config.log_level) <= logging.INFO
     if foreground:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(formatter)
         root.handlers[:] = [handler]
-        return AccessLog(sys.stderr, json_lines) if access_on else NoAccessLog()
+        return access_log_to(sys.stderr, config)
     directory = Path(config.log_location)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -59,7 +69,7 @@ def configure_logging(config: ServerConfig, foreground: bool) -> AccessLog:
     model_log = logging.getLogger("marserve.model")
     model_log.handlers[:] = [file_handler("model_log.log")]
     model_log.propagate = False
-    if not access_on:
+    if logging.getLevelName(config.log_level) > logging.INFO:
         return NoAccessLog()
     stream = open(directory / "access_log.log", "a", encoding="utf-8")  # noqa: SIM115 - AccessLog closes it
-    return AccessLog(stream, json_lines, owns_stream=True)
+    return access_log_to(stream, config, owns_stream=True)

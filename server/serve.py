@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,7 +13,7 @@ from .apis import inference, management
 from .apis import metrics as metrics_api
 from .config import ServerConfig, key_warnings
 from .http.access_log import AccessLog, NoAccessLog
-from .http.auth import INFERENCE, KEY_FILE_NAME, MANAGEMENT, TokenAuth, exposed_addresses, tokens_required
+from .http.auth import INFERENCE, MANAGEMENT, TokenAuth, exposed_addresses, tokens_required
 from .http.connection import Door
 from .http.listener import Listener, ListenError, tls_context
 from .http.policy import RequestPolicy, cors_headers
@@ -67,29 +65,28 @@ async def serve(
     config: ServerConfig,
     *,
     environ: Mapping[str, str],
+    stop: asyncio.Event,
+    key_file: Path,
+    temp_dir: Path,
     on_ready: Callable[[list[str]], None] | None = None,
-    stop: asyncio.Event | None = None,
     access_log: AccessLog | None = None,
     snapshots: SnapshotPlan | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set); then drain requests and stop the workers.
+    """Serve until ``stop`` is set; then drain requests and stop the workers.
 
-    ``snapshots`` says what to restore at start and where to save the models' state (None: neither).
+    ``environ`` is what workers inherit; ``key_file`` is where token keys are published when
+    tokens are on; the server's private working directory is made in ``temp_dir``. ``snapshots``
+    says what to restore at start and where to save the models' state (None: neither).
     """
     for warning in key_warnings(config):
         log.warning("%s", warning)
     access_log = access_log or NoAccessLog()
-    stop = stop or asyncio.Event()
     snapshots = snapshots or SnapshotPlan(restore=None, save_to=None)
     writer = SnapshotWriter(snapshots.save_to) if snapshots.save_to is not None else None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     gpus = detect_gpu_count(environ)
     if config.number_of_gpu is not None:
         gpus = min(gpus, config.number_of_gpu)
-    workdir = Path(tempfile.mkdtemp(prefix="marserve-"))
+    workdir = Path(tempfile.mkdtemp(prefix="marserve-", dir=temp_dir))
     metrics = Metrics() if config.enable_metrics_api else NoMetrics()
     observer = Observer(
         batch_done=lambda model, size, seconds, report: metrics.batch(model.name, model.version, size, seconds, report),
@@ -114,7 +111,7 @@ async def serve(
                 ],
             )
         )
-    auth = _token_auth(config, Path.cwd() / KEY_FILE_NAME)
+    auth = _token_auth(config, key_file)
     policy = RequestPolicy(
         auth=auth,
         max_request_size=config.max_request_size,
