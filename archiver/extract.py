@@ -140,7 +140,8 @@ def extract(source: Path, dest: Path, limits: ExtractLimits = ExtractLimits()) -
                 _extract_entries(source, _tar_entries(archive), dest, limits)
         else:
             raise ArchiveError(f"{source.name}: not a model archive (expected a .mar zip, a .tar.gz or a directory)")
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError) as exc:
+    # UnicodeDecodeError: a damaged zip entry name flagged as UTF-8 that is not.
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError, UnicodeDecodeError) as exc:
         raise ArchiveError(f"{source.name}: corrupt archive: {one_line(exc)}") from None
 
 
