@@ -20,12 +20,12 @@
     └── WorkerError                   any  InternalServerException    (what a worker or its handler reported)
         └── WorkerDied                500  InternalServerException    ("Worker died."; 507 when OOM-killed)
 
-Every error renders as TorchServe's body: ``{"code", "type", "message"}``.
+On TorchServe's routes an error renders as ``{"code", "type", "message"}`` (``http.responses.torchserve_error``);
+another protocol's routes render it in their own dialect.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -45,9 +45,6 @@ class ServerError(Exception):
     def to_dict(self) -> dict[str, object]:
         return {"code": self.status_code, "type": self.type_name, "message": self.message}
 
-    def body(self) -> bytes:
-        """TorchServe's JSON for this error: 2-space indent and a trailing newline."""
-        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
 
 
 class BadRequest(ServerError):
@@ -158,11 +155,6 @@ class WorkerError(ServerError):
         super().__init__(message, status_code)
         # Metrics the handler recorded before failing still count.
         self.metrics = list(metrics)
-
-    @property
-    def code(self) -> int:
-        """The status under the worker's own name for it."""
-        return self.status_code
 
 
 class WorkerDied(WorkerError):

@@ -397,9 +397,9 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         policy = self.door.policy
-        error = BadRequest(message)
-        lines = head(torchserve_error(error), policy.headers, policy.header_lines, policy.request_id())
-        body = error.body()
+        answer = torchserve_error(BadRequest(message))
+        lines = head(answer, policy.headers, policy.header_lines, policy.request_id())
+        body = answer.body
         transport.write(lines + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
         self._closing = True
         transport.close()

@@ -60,7 +60,7 @@ def status_response(message: str, status: int = 200) -> Response:
 
 def torchserve_error(error: ServerError) -> Response:
     """``{"code", "type", "message"}``, as TorchServe answers every error on its REST routes."""
-    return Response(error.status_code, error.body(), "application/json")
+    return Response(error.status_code, json_body(error.to_dict()), "application/json")
 
 
 # TorchServe sends these on every response; clients and proxies must not cache predictions.

@@ -10,14 +10,11 @@ from archiver import ModelArchive
 from ..errors import ServerError, ServiceUnavailable
 from ..workers.messages import Load, Result
 from ..workers.placement import Placement
-from ..workers.supervisor import MAX_BACKOFF, Supervisor, WorkerSlot, backoff, no_worker_message
+from ..workers.supervisor import Supervisor, WorkerSlot, no_worker_message
 from .batching import Job, JobQueue, QueueFull
 from .settings import ModelSettings
 from .status import VersionStatus
 
-# Older names, still imported from here: tests/server/test_failures.py and test_faults.py.
-_MAX_BACKOFF, _backoff = MAX_BACKOFF, backoff
-__all__ = ["ModelVersion", "Observer", "no_worker_message"]
 
 
 def _ignore(*_: object) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from handlers.metrics import (
     MetricTypes,
 )
 from server.workers.child.service import Service
+from server.workers.messages import Predict
+from server.workers.messages import Request as PredictRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 TS_PYTHON = ROOT / ".venv-torchserve" / "bin" / "python"
@@ -270,28 +273,30 @@ def _service() -> Service:
     return Service(_handler, context, decode_input_request=True)
 
 
-def _frame(*bodies: bytes) -> tuple[dict[str, Any], memoryview]:
+def _frame(*bodies: bytes) -> tuple[Predict, memoryview]:
     requests = [
-        {"id": f"id-{i}", "headers": [["Content-Type", "text/plain"]], "params": [["body", "text/plain", len(b)]]}
+        PredictRequest(f"id-{i}", [("Content-Type", "text/plain")], [("body", "text/plain", len(b))])
         for i, b in enumerate(bodies)
     ]
-    return {"requests": requests}, memoryview(b"".join(bodies))
+    return Predict(requests), memoryview(b"".join(bodies))
 
 
 def test_reply_meta_carries_the_handlers_metrics() -> None:
     service = _service()
-    meta, parts = service.predict(*_frame(b"a", b"b"))
-    assert meta["code"] == 200 and [bytes(p) for p in parts] == [b"a", b"b"]
-    assert meta["metrics"] == [
+    result, parts = service.handle(*_frame(b"a", b"b"))
+    assert result.code == 200 and [bytes(p) for p in parts] == [b"a", b"b"]
+    assert result.metrics == [
         {
             "name": "Seen", "unit": "Count", "type": "counter", "value": 2.0,
             "dimensions": [["Kind", "test"], *MODEL_DIMS], "request_id": "id-0,id-1",
         }
     ]  # fmt: skip
     # PredictionTime travels as a plain number; the frontend records it.
-    assert 0 <= meta["prediction_ms"] <= meta["handler_ms"]
-    json.dumps(meta)
+    assert result.prediction_ms is not None and result.handler_ms is not None
+    assert 0 <= result.prediction_ms <= result.handler_ms
+    json.dumps(asdict(result))
     # A failed batch still reports what was recorded before the failure, and no PredictionTime.
-    meta, parts = service.predict(*_frame(b"fail"))
-    assert meta["code"] == 503 and parts == [] and "prediction_ms" not in meta
-    assert [(m["name"], m["value"], m["request_id"]) for m in meta["metrics"]] == [("Seen", 1.0, "id-0")]
+    result, parts = service.handle(*_frame(b"fail"))
+    assert result.code == 503 and parts == [] and result.prediction_ms is None
+    assert result.metrics is not None
+    assert [(m["name"], m["value"], m["request_id"]) for m in result.metrics] == [("Seen", 1.0, "id-0")]

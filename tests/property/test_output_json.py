@@ -14,7 +14,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.workers.child.service import BatchError, to_json
+from server.errors import WorkerError
+from server.workers.child.service import to_json
 
 SETTINGS = settings(max_examples=400, deadline=None)
 
@@ -70,9 +71,9 @@ def _nested(depth: int) -> list[Any]:
 )
 def test_what_no_encoder_takes_is_the_unsupported_type_error(value: Any) -> None:
     # A nesting too deep for either encoder must not escape as a RecursionError: that would end the worker.
-    with pytest.raises(BatchError) as caught:
+    with pytest.raises(WorkerError) as caught:
         to_json(value)
-    assert (caught.value.code, caught.value.message) == (503, "Unsupported model output data type.")
+    assert (caught.value.status_code, caught.value.message) == (503, "Unsupported model output data type.")
 
 
 def test_a_uuid_is_written_as_its_text() -> None:

@@ -12,18 +12,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Server, alive, make_mar, wait_for
+from tests.conftest import Model, Server, ServerFactory, alive, make_mar, wait_for
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("failures")).start()
-    try:
-        make_mar(server.store, "fail", "inf_fail_handler.py")
-        assert server.register("fail.mar").status_code == 200
-        yield server
-    finally:
-        server.stop()
+def srv(start_module_server: ServerFactory) -> Server:
+    return start_module_server(models=[Model("fail", "inf_fail_handler.py")], name="failures")
 
 
 def calls(server: Server) -> list[tuple[int, str]]:
@@ -153,7 +147,7 @@ def test_handler_error_fails_the_whole_batch(srv: Server) -> None:
 
 
 def test_restart_backoff_grows_as_fibonacci_up_to_its_cap() -> None:
-    from server.models.version import _MAX_BACKOFF, _backoff
+    from server.workers.supervisor import MAX_BACKOFF, backoff
 
-    assert [_backoff(n) for n in range(8)] == [0, 1, 1, 2, 3, 5, 8, 13]
-    assert _backoff(100) == _MAX_BACKOFF
+    assert [backoff(n) for n in range(8)] == [0, 1, 1, 2, 3, 5, 8, 13]
+    assert backoff(100) == MAX_BACKOFF

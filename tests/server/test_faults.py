@@ -19,7 +19,7 @@ import statistics
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ import httpx
 import pytest
 
 from archiver import MANIFEST_PATH
-from server.models.version import no_worker_message
-from tests.conftest import Server, alive, make_mar, zip_archive
+from server.workers.supervisor import no_worker_message
+from tests.conftest import Model, Server, ServerFactory, alive, make_mar, zip_archive
 
 REQUEST_TIMEOUT = 30.0  # a request unanswered this long has hung
 SCENARIO_TIMEOUT = 60.0  # no scenario may take longer, whatever the server does
@@ -177,14 +177,10 @@ def worker_processes_of(server: Server) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("faults")).start()
-    try:
-        make_mar(server.store, "echo", "echo_handler.py")
-        assert server.register("echo.mar").status_code == 200
-        yield server
-    finally:
-        server.stop()
+def faults(start_module_server: ServerFactory) -> Server:
+    # A serve process: these tests measure the frontend's memory, check that it is still alive,
+    # and load it from a client that must not share its interpreter.
+    return start_module_server(models=[Model("echo", "echo_handler.py")], name="faults", subprocess=True)
 
 
 def register(server: Server, name: str, *, config: str | None = None, **params: object) -> None:

@@ -18,15 +18,12 @@ from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
 from ...errors import WorkerError
-from .. import frames
+from ...http.responses import torchserve_error
 from ..frames import Buffer, split
 from ..messages import Metric, Predict, Response, Result
 from .loader import Entry
 
 #: The old name of the error that fails a whole batch (tests/property/test_output_json.py).
-BatchError = WorkerError
-
-
 def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
     """TorchServe's per-parameter decoding: JSON parsed, text as str, anything else a bytearray."""
     value = bytearray(raw)
@@ -133,13 +130,6 @@ class Service:
         handler_ms = (time.perf_counter() - started) * 1000
         return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
 
-    def predict(self, meta: dict[str, Any], blob: memoryview) -> tuple[dict[str, Any], list[Buffer]]:
-        """``handle`` on a frame's decoded meta, answering the Result as the frontend decodes it,
-        without the fields that are not set (tests/handlers/test_metrics_api.py reads this form)."""
-        result, parts = self.handle(Predict.from_meta(meta), blob)
-        _, decoded, _ = frames.decode(b"".join(frames.encode(frames.RESULT, result)))
-        return {key: value for key, value in decoded.items() if value is not None}, parts
-
     def _call(self, data: list[dict[str, Any]]) -> Any:
         try:
             return self.entry(data, self.context)
@@ -184,8 +174,10 @@ class Service:
                     f"over max_response_size ({self.max_response_size}); not sent",
                     file=sys.stderr,
                 )
-                error = WorkerError(f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})")
-                body, status, phrase, content_type, headers = error.body(), error.status_code, "", "application/json", []
+                error = torchserve_error(
+                    WorkerError(f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})")
+                )
+                body, status, phrase, content_type, headers = error.body, error.status, "", error.content_type, []
             parts.append(body)
             responses.append(Response(status, phrase, content_type, headers, len(body)))
         return parts, responses
