@@ -21,7 +21,7 @@ MANIFEST = json.dumps({"runtime": "python", "model": {"modelName": "m", "handler
 make_zip = functools.partial(zip_archive, manifest=MANIFEST)
 
 
-def make_tar(path: Path, *members: tarfile.TarInfo, data: dict[str, bytes] = {}) -> Path:
+def make_tar(path: Path, *members: tarfile.TarInfo, data: dict[str, bytes] = {}) -> Path:  # noqa: B006 - never mutated
     with tarfile.open(path, "w:gz") as archive:
         manifest = MANIFEST.encode()
         info = tarfile.TarInfo(f"m/{MANIFEST_PATH}")

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, ServerFactory
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 SAMPLES = sorted((DIGITS / "samples").glob("digit_*.png"))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    server = Server(tmp_path_factory.mktemp("mnist")).start()
+def served(start_module_server: ServerFactory) -> Server:
+    server = start_module_server(name="mnist")
     archiver = Path(sys.executable).parent / "torch-model-archiver"
     subprocess.run(
         [
@@ -35,8 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     )  # fmt: skip
     reply = server.register("mnist.mar", batch_size=4, max_batch_delay=20)
     assert reply.status_code == 200, reply.text
-    yield server
-    server.stop()
+    return server
 
 
 def test_ten_samples() -> None:

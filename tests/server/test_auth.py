@@ -7,8 +7,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from server.http.auth import TokenAuth, is_loopback, tokens_required
 from server.config import ServerConfig
-from tests.conftest import Server, make_mar, wait_for
+from tests.conftest import Server, ServerFactory, make_mar, wait_for
 
 FAILED = {
     "code": 401,
@@ -47,16 +46,25 @@ def wait_for_log(server: Server, text: str, timeout: float = 5.0) -> str:
     return server.log.read_text()
 
 
+# Servers here are serve processes: token authorization writes key_file.json into the server's
+# working directory, which only a process of its own has.
+
+
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("auth"), "disable_token_authorization=false\n").start()
+def srv(start_module_server: ServerFactory) -> Server:
+    server = start_module_server("disable_token_authorization=false\n", name="auth", subprocess=True)
     make_mar(server.store, "echo", "echo_handler.py")
     registered = server.http.post(
         f"{server.management}/models", params={"url": "echo.mar"}, headers=bearer(keys(server)["management"]["key"])
     )
     assert registered.status_code == 200, registered.text
-    yield server
-    server.stop()
+    return server
+
+
+@pytest.fixture(scope="module")
+def shared_server(start_module_server: ServerFactory) -> Server:
+    """The default server, as a serve process, so that where its key file would be is its own."""
+    return start_module_server(subprocess=True)
 
 
 # -- on loopback, by default, tokens are off ---------------------------------------------------------
@@ -141,7 +149,7 @@ def test_key_file_is_private_and_holds_torchserve_shape(srv: Server) -> None:
     for kind in ("management", "inference"):
         assert list(content[kind]) == ["key", "expiration time"]
         expires = datetime.strptime(content[kind]["expiration time"], "%Y-%m-%dT%H:%M:%S.%fZ")
-        left = expires.replace(tzinfo=timezone.utc) - datetime.now(timezone.utc)
+        left = expires.replace(tzinfo=UTC) - datetime.now(UTC)
         assert 0 < left.total_seconds() <= 60 * 60  # token_expiration_min defaults to 60
     values = [content[kind]["key"] for kind in content]
     assert len(set(values)) == 3

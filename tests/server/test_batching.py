@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
 import pytest
 
 from server.models.batching import Job, JobQueue, QueueFull, collect_batch
-from tests.conftest import Server, make_mar
+from tests.conftest import Model, Server, ServerFactory
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
@@ -231,22 +231,15 @@ async def test_collection_skips_departed_clients() -> None:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("batching")).start()
-    try:
-        for name, settings in {
-            "b4": {"batch_size": 4, "max_batch_delay": 200},
-            "nodelay": {"batch_size": 8, "max_batch_delay": 0},
-            "b8": {"batch_size": 8, "max_batch_delay": 50, "initial_workers": 2},
-            "single": {"batch_size": 1, "max_batch_delay": 0},
-            "types": {"batch_size": 4, "max_batch_delay": 200},
-        }.items():
-            make_mar(server.store, name, "inf_types_handler.py" if name == "types" else "inf_batch_handler.py")
-            response = server.register(f"{name}.mar", **settings)
-            assert response.status_code == 200, response.text
-        yield server
-    finally:
-        server.stop()
+def srv(start_module_server: ServerFactory) -> Server:
+    models = [
+        Model("b4", "inf_batch_handler.py", batch_size=4, max_batch_delay=200),
+        Model("nodelay", "inf_batch_handler.py", batch_size=8, max_batch_delay=0),
+        Model("b8", "inf_batch_handler.py", batch_size=8, max_batch_delay=50, initial_workers=2),
+        Model("single", "inf_batch_handler.py", batch_size=1, max_batch_delay=0),
+        Model("types", "inf_types_handler.py", batch_size=4, max_batch_delay=200),
+    ]
+    return start_module_server(models=models, name="batching")
 
 
 def handled(server: Server) -> list[tuple[int, list[str]]]:
@@ -357,14 +350,9 @@ def test_departed_client_is_not_run(srv: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("tiny"), config="job_queue_size=2\n").start()
-    try:
-        make_mar(server.store, "slow", "inf_batch_handler.py")
-        assert server.register("slow.mar", batch_size=1, max_batch_delay=0).status_code == 200
-        yield server
-    finally:
-        server.stop()
+def tiny_queue(start_module_server: ServerFactory) -> Server:
+    models = [Model("slow", "inf_batch_handler.py", batch_size=1, max_batch_delay=0)]
+    return start_module_server("job_queue_size=2\n", models, name="tiny")
 
 
 def test_full_queue_is_503_at_once(tiny_queue: Server) -> None:

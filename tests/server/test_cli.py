@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import BIN, Server, make_mar
+
+
+@pytest.fixture
+def server(subprocess_server: Server) -> Server:
+    """The serve command's own process: these tests stop it, signal it and kill it."""
+    return subprocess_server
 
 
 def run(server: Server, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -10,12 +10,11 @@ import base64
 import hashlib
 import importlib.util
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Server, ServerFactory, make_mar
 
 PACKAGE = "marserve_tinydep"
 WHEEL = f"{PACKAGE}-1.0-py3-none-any.whl"
@@ -71,10 +70,8 @@ INSTALLABLE = f"--no-index\n./{WHEEL}\n"
 
 
 @pytest.fixture
-def installing(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path, config="install_py_dep_per_model=true\n").start()
-    yield srv
-    srv.stop()
+def installing(start_server: ServerFactory, tmp_path: Path) -> Server:
+    return start_server("install_py_dep_per_model=true\n", root=tmp_path)
 
 
 def model_dirs(srv: Server) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar, wait_for
+from tests.conftest import InProcessServer, Server, ServerFactory, make_mar, wait_for
 
 MAX_DOWNLOAD = 64 * 1024
 TOO_BIG = 4 * MAX_DOWNLOAD
@@ -116,11 +116,8 @@ ALLOWED = ",".join(
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    config = f"allowed_urls={ALLOWED}\nmax_download_size={MAX_DOWNLOAD}\n"
-    srv = Server(tmp_path_factory.mktemp("download"), config=config).start()
-    yield srv
-    srv.stop()
+def module_server(start_module_server: ServerFactory) -> Server:
+    return start_module_server(f"allowed_urls={ALLOWED}\nmax_download_size={MAX_DOWNLOAD}\n", name="download")
 
 
 @pytest.fixture
@@ -344,7 +341,7 @@ def test_an_existing_store_file_is_never_overwritten(srv: Server, host: ArchiveH
 def test_a_url_registered_at_startup_is_downloaded(tmp_path: Path, host: ArchiveHost) -> None:
     url = f"{host.base}/models/startup.mar"
     config = f"allowed_urls={ALLOWED}\nload_models=startup={url}\n"
-    srv = Server(tmp_path, config=config).start()
+    srv = InProcessServer(tmp_path, config=config).start()
     try:
         wait_for(lambda: srv.predict("startup", b"up").status_code == 200, 30, "the model to serve")
         assert store_files(srv) == ["startup.mar"]
@@ -380,6 +377,7 @@ def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(
 ) -> None:
     archive_host, cert = tls_host
     allowed = r"https://(localhost|127\\.0\\.0\\.1):\\d+/models/.*"
+    # A serve process: the frontend trusts the certificate authorities its own environment names.
     srv = Server(tmp_path / "server", config=f"allowed_urls={allowed}\n")
     srv.env["SSL_CERT_FILE"] = str(cert)  # trust the test's certificate authority
     srv.start()
@@ -402,14 +400,14 @@ def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(
 
 def test_a_downloaded_model_is_restored_from_the_store_after_a_restart(tmp_path: Path, host: ArchiveHost) -> None:
     config = f"allowed_urls={ALLOWED}\n"
-    srv = Server(tmp_path, config=config).start()
+    srv = InProcessServer(tmp_path, config=config).start()
     try:
         url = f"{host.base}/models/kept.mar"
         assert srv.register(url, model_name="kept", initial_workers=1).status_code == 200
     finally:
         srv.stop()
     host.paths.clear()
-    srv = Server(tmp_path, config=config).start()
+    srv = InProcessServer(tmp_path, config=config).start()
     try:
         wait_for(lambda: srv.predict("kept", b"back").status_code == 200, 30, "the model to serve")
         # Registered again from the file kept in the store: nothing fetched, no "already exists".

@@ -126,7 +126,7 @@ def test_a_route_answering_at_once_gets_the_policy_headers(door: FrontDoor) -> N
     assert response.headers["access-control-allow-origin"] == "https://example.com"
     assert "date" in response.headers
     door.listener.door.policy.access_log.flush()
-    assert f'"POST /v9/now/" 200' in door.log.getvalue()
+    assert '"POST /v9/now/" 200' in door.log.getvalue()
     assert response.headers["x-request-id"] in door.log.getvalue()
     assert door.counter.statuses == [200]
 

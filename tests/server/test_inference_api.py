@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Model, Server, ServerFactory, make_mar
 
 NO_WORKER_TAIL = (
     "has no worker to serve inference request. Please use scale workers API to add workers. "
@@ -34,31 +34,21 @@ def _close_client() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("api")).start()
-    try:
+def api(start_module_server: ServerFactory) -> Server:
+    models = [
         # Two versions of one model; the archive file is rebuilt in between, which is safe
         # because registration extracts it.
-        make_mar(srv.store, "types", "inf_types_handler.py", version="1.0")
-        assert srv.register("types.mar").status_code == 200
-        make_mar(srv.store, "types", "inf_types_handler.py", version="2.0")
-        assert srv.register("types.mar").status_code == 200
-        make_mar(srv.store, "echo", "echo_handler.py")
-        assert srv.register("echo.mar").status_code == 200
-        yield srv
-    finally:
-        srv.stop()
+        Model("types", "inf_types_handler.py", version="1.0"),
+        Model("types", "inf_types_handler.py", version="2.0"),
+        Model("echo", "echo_handler.py"),
+    ]
+    return start_module_server(models=models, name="api")
 
 
 @pytest.fixture(scope="module")
-def raw_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("raw"), config="decode_input_request=false\n").start()
-    try:
-        make_mar(srv.store, "types", "inf_types_handler.py")
-        assert srv.register("types.mar").status_code == 200
-        yield srv
-    finally:
-        srv.stop()
+def raw_api(start_module_server: ServerFactory) -> Server:
+    models = [Model("types", "inf_types_handler.py")]
+    return start_module_server("decode_input_request=false\n", models, name="raw")
 
 
 def seen(response: httpx.Response) -> dict[str, Any]:

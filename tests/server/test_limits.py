@@ -10,13 +10,12 @@ import re
 import select
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import Model, Server, ServerFactory
 
 MAX_REQUEST = 65536
 MAX_RESPONSE = 4 * 1024 * 1024
@@ -26,21 +25,16 @@ INFERENCE, MANAGEMENT, METRICS = 0, 1, 2
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def srv(start_module_server: ServerFactory) -> Server:
     config = (
         f"max_request_size={MAX_REQUEST}\nmax_response_size={MAX_RESPONSE}\n"
         f"request_read_timeout={READ_TIMEOUT}\n"
     )
-    server = Server(tmp_path_factory.mktemp("limits"), config=config).start()
-    try:
-        make_mar(server.store, "echo", "echo_handler.py")
-        assert server.register("echo.mar", initial_workers=1).status_code == 200
-        make_mar(server.store, "sized", "sized_handler.py")
-        response = server.register("sized.mar", initial_workers=1, batch_size=4, max_batch_delay=300)
-        assert response.status_code == 200
-        yield server
-    finally:
-        server.stop()
+    models = [
+        Model("echo", "echo_handler.py", initial_workers=1),
+        Model("sized", "sized_handler.py", initial_workers=1, batch_size=4, max_batch_delay=300),
+    ]
+    return start_module_server(config, models, name="limits")
 
 
 def url(srv: Server, port: int) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar, wait_for
+from tests.conftest import InProcessServer, Model, Server, ServerFactory, make_mar, wait_for
 
 NOT_FOUND = "Requested resource is not found, please refer to API document."
 NOT_ALLOWED = "Requested method is not allowed, please refer to API document."
@@ -139,12 +139,10 @@ def unregister_all(srv: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def module_server(start_module_server: ServerFactory) -> Server:
     # file:// URLs are allowed here to exercise the allow-list's positive path; http:// stays refused.
-    srv = Server(tmp_path_factory.mktemp("mgmt"), config="allowed_urls=file://.*\\\\.mar\n").start()
-    make_mar(srv.store, "echo", "echo_handler.py")
-    yield srv
-    srv.stop()
+    config = "allowed_urls=file://.*\\\\.mar\n"
+    return start_module_server(config, [Model("echo", "echo_handler.py", register=False)], name="mgmt")
 
 
 @pytest.fixture
@@ -329,7 +327,7 @@ def test_register_defaults_and_batching_parameters(mgmt: Server) -> None:
         "responseTimeout": 120,
         "startupTimeout": 120,
     }
-    reply = register(mgmt, 
+    reply = register(mgmt,
         "echo.mar", model_name="tuned", initial_workers=0, batch_size=4, max_batch_delay=25,
         response_timeout=30, startup_timeout=40,
     )  # fmt: skip
@@ -359,7 +357,7 @@ def test_model_yaml_sets_defaults_and_api_parameters_win(mgmt: Server, tmp_path:
     assert len(ready_pids(mgmt, "yamlmodel")) == 2
 
     # marserve: an explicit API parameter beats the YAML, timeouts included (TorchServe: YAML wins).
-    reply = register(mgmt, 
+    reply = register(mgmt,
         "yamlmodel.mar", model_name="yaml_api", initial_workers=1, batch_size=8, response_timeout=9
     )
     assert_status(reply, 200, 'Model "yaml_api" Version: 1.0 registered with 1 initial workers')
@@ -782,7 +780,7 @@ def test_default_allowed_urls_is_empty(shared_server: Server) -> None:
 
 
 def test_model_api_can_be_disabled(tmp_path: Path) -> None:
-    srv = Server(tmp_path, config="enable_model_api=false\n").start()
+    srv = InProcessServer(tmp_path, config="enable_model_api=false\n").start()
     try:
         make_mar(srv.store, "echo", "echo_handler.py")
         assert_error(register(srv, "echo.mar"), 405, "MethodNotAllowedException", NOT_ALLOWED)
@@ -794,7 +792,7 @@ def test_model_api_can_be_disabled(tmp_path: Path) -> None:
 
 
 def test_one_address_for_both_apis_serves_both_on_one_listener(tmp_path: Path) -> None:
-    srv = Server(tmp_path)
+    srv = InProcessServer(tmp_path)
     # A later key wins: management_address now names the inference listener.
     srv.config.write_text(srv.config.read_text() + f"management_address={srv.inference}\n")
     srv.management = srv.inference

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import InProcessServer, Model, Server, ServerFactory, make_mar
 
 
 def scrape(server: Server, *names: str) -> str:
@@ -32,16 +32,13 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory):
-    server = Server(tmp_path_factory.mktemp("metrics")).start()
-    make_mar(server.store, "echo", "echo_handler.py")
-    make_mar(server.store, "idle", "echo_handler.py")
-    make_mar(server.store, "custom", "metrics_handler.py")
-    assert server.register("echo.mar", batch_size=4, max_batch_delay=5).status_code == 200
-    assert server.register("idle.mar", initial_workers=0).status_code == 200
-    assert server.register("custom.mar").status_code == 200
-    yield server
-    server.stop()
+def srv(start_module_server: ServerFactory) -> Server:
+    models = [
+        Model("echo", "echo_handler.py", batch_size=4, max_batch_delay=5),
+        Model("idle", "echo_handler.py", initial_workers=0),
+        Model("custom", "metrics_handler.py"),
+    ]
+    return start_module_server(models=models, name="metrics")
 
 
 def test_request_counters_and_histograms_count_every_request(srv: Server) -> None:
@@ -155,7 +152,7 @@ def test_system_metrics_are_current(srv: Server) -> None:
 
 
 def test_system_metrics_can_be_turned_off(tmp_path: Path) -> None:
-    server = Server(tmp_path, config="disable_system_metrics=true\n").start()
+    server = InProcessServer(tmp_path, config="disable_system_metrics=true\n").start()
     try:
         text = scrape(server)
         assert "MemoryUsed" not in text and "CPUUtilization" not in text
@@ -167,7 +164,7 @@ def test_system_metrics_can_be_turned_off(tmp_path: Path) -> None:
 def test_metrics_api_off_means_no_port_and_no_recording(tmp_path: Path) -> None:
     import httpx
 
-    server = Server(tmp_path, config="enable_metrics_api=false\n").start()
+    server = InProcessServer(tmp_path, config="enable_metrics_api=false\n").start()
     try:
         make_mar(server.store, "echo", "echo_handler.py")
         assert server.register("echo.mar").status_code == 200
@@ -181,6 +178,7 @@ def test_metrics_api_off_means_no_port_and_no_recording(tmp_path: Path) -> None:
 def test_json_log_format(tmp_path: Path) -> None:
     import json
 
+    # A serve process: the log is what configure_logging() makes of log_format.
     server = Server(tmp_path, config="log_format=json\n").start()
     try:
         request_id = server.http.get(f"{server.management}/models").headers["x-request-id"]
@@ -209,6 +207,7 @@ def test_histogram_buckets_are_cumulative_and_inclusive_of_their_bound() -> None
 
 
 def test_log_level_above_info_silences_info_lines_and_the_access_log(tmp_path: Path) -> None:
+    # A serve process: the log is what configure_logging() makes of log_level.
     server = Server(tmp_path, config="log_level=WARNING\n").start()
     try:
         request_id = server.http.get(f"{server.management}/models").headers["x-request-id"]

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.conftest import Server, make_mar
+from tests.conftest import InProcessServer, Server, make_mar
 
 
 def placements(server: Server, model: str, workers: int) -> dict[int, dict]:
@@ -25,7 +25,7 @@ def placements(server: Server, model: str, workers: int) -> dict[int, dict]:
 
 
 def test_workers_round_robin_over_gpus(tmp_path: Path) -> None:
-    server = Server(tmp_path)
+    server = InProcessServer(tmp_path)
     server.env["CUDA_VISIBLE_DEVICES"] = "0,1"
     server.start()
     try:
@@ -41,7 +41,7 @@ def test_workers_round_robin_over_gpus(tmp_path: Path) -> None:
 
 
 def test_device_ids_and_cpu_device_type(tmp_path: Path) -> None:
-    server = Server(tmp_path, config="number_of_gpu=3\n")
+    server = InProcessServer(tmp_path, config="number_of_gpu=3\n")
     server.env["CUDA_VISIBLE_DEVICES"] = "0,1,2,3"
     server.start()
     try:
@@ -58,7 +58,7 @@ def test_device_ids_and_cpu_device_type(tmp_path: Path) -> None:
 
 
 def test_cpu_workers_share_the_cores(tmp_path: Path) -> None:
-    server = Server(tmp_path)
+    server = InProcessServer(tmp_path)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
         server.env.pop(name, None)
     server.start()
@@ -76,7 +76,7 @@ def test_cpu_workers_share_the_cores(tmp_path: Path) -> None:
 
 
 def test_a_users_openmp_settings_stand(tmp_path: Path) -> None:
-    server = Server(tmp_path)
+    server = InProcessServer(tmp_path)
     server.env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
     server.start()
     try:
@@ -89,6 +89,7 @@ def test_a_users_openmp_settings_stand(tmp_path: Path) -> None:
 
 
 def test_frontend_never_loads_torch(tmp_path: Path) -> None:
+    # A serve process: the memory map checked must be the frontend's alone, not the test process's.
     server = Server(tmp_path).start()
     try:
         digits = Path(__file__).resolve().parents[2] / "examples" / "digits"

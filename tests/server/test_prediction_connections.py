@@ -6,28 +6,22 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import Server, make_mar, wait_for
+from tests.conftest import Model, Server, ServerFactory, wait_for
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("connections")).start()
-    try:
-        make_mar(server.store, "echo", "echo_handler.py")
-        assert server.register("echo.mar").status_code == 200
-        make_mar(server.store, "types", "inf_types_handler.py")
-        assert server.register("types.mar").status_code == 200
+def srv(start_module_server: ServerFactory) -> Server:
+    models = [
+        Model("echo", "echo_handler.py"),
+        Model("types", "inf_types_handler.py"),
         # One worker taking one request at a time, so a second request waits in the queue.
-        make_mar(server.store, "slow", "fault_handler.py")
-        assert server.register("slow.mar", batch_size=1, initial_workers=1).status_code == 200
-        yield server
-    finally:
-        server.stop()
+        Model("slow", "fault_handler.py", batch_size=1, initial_workers=1),
+    ]
+    return start_module_server(models=models, name="connections")
 
 
 def connect(srv: Server) -> socket.socket:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar, wait_for
+from tests.conftest import InProcessServer, Server, make_mar, wait_for
 
 KEYS = (
     "modelName", "modelVersion", "modelUrl", "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay",
@@ -36,7 +36,7 @@ def start(root: Path, config: str = "", args: tuple[str, ...] = (), log_line: st
     """A server on ``root``, returned once its start-up models are in (the log line ``log_line``)."""
     log = root / "server.log"
     offset = log.stat().st_size if log.exists() else 0
-    srv = Server(root, config=config, args=args).start()
+    srv = InProcessServer(root, config=config, args=args).start()
     wait_for(lambda: log_line in log.read_text()[offset:], what=f"{log_line!r} in the log")
     return srv
 

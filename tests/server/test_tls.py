@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, make_mar
+from tests.conftest import InProcessServer, Server, make_mar
 
 OPENSSL = "/usr/bin/openssl"
 
@@ -36,7 +36,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def tls_server(root: Path, cert: tuple[Path, Path], https: tuple[bool, bool, bool]) -> Server:
     """A Server whose addresses are https where ``https`` says (inference, management, metrics);
     its client trusts ``cert``."""
-    srv = Server(root, config=f"certificate_file={cert[0]}\nprivate_key_file={cert[1]}\n")
+    srv = InProcessServer(root, config=f"certificate_file={cert[0]}\nprivate_key_file={cert[1]}\n")
     text = srv.config.read_text()
     for key, secure in zip(("inference", "management", "metrics"), https):
         if secure:
@@ -54,7 +54,7 @@ def trusting_client(srv: Server, cert: tuple[Path, Path]) -> None:
 
 @pytest.fixture
 def trust(cert: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    # Server.start() polls /ping with httpx's defaults, which read SSL_CERT_FILE.
+    # httpx's default clients read SSL_CERT_FILE (a subprocess Server's start polls /ping with one).
     monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
 
 
