@@ -19,10 +19,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import IO, BinaryIO, Literal
 
 from .errors import ArchiveError
-from .manifest import MANIFEST_PATH, Manifest, check_model_name, new_manifest
+from .manifest import MANIFEST_PATH, Manifest, Runtime, check_model_name, new_manifest
 
 ArchiveFormat = Literal["default", "zip-store", "tgz", "no-archive"]
 ARCHIVE_FORMATS: tuple[str, ...] = ("default", "zip-store", "tgz", "no-archive")
@@ -62,7 +62,7 @@ class ArchiveSpec:
     extra_files: str | None = None
     requirements_file: str | None = None
     config_file: str | None = None
-    runtime: str = "python"
+    runtime: Runtime = "python"
     export_path: str = "."
     archive_format: ArchiveFormat = "default"
     force: bool = False
@@ -204,7 +204,7 @@ def build_archive(
     return output
 
 
-def _copy(source: Path, sink: BinaryIO, tick: Progress) -> None:
+def _copy(source: Path, sink: IO[bytes], tick: Progress) -> None:
     with open(source, "rb") as src:
         while chunk := src.read(_CHUNK):
             sink.write(chunk)

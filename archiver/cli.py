@@ -19,7 +19,7 @@ _PROGRESS_MIN_BYTES = 64 << 20
 class _OneLineCommand(click.Command):
     """Reports every failure, usage errors included, as one line on stderr and a non-zero exit."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.ClickException as exc:

@@ -14,6 +14,7 @@ from .errors import ArchiveError
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 ARCHIVER_VERSION = "0.12.0"
 RUNTIMES = ("python", "python3", "LSP")
+Runtime = Literal["python", "python3", "LSP"]
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]*")
 
@@ -50,7 +51,7 @@ class Manifest(_Section):
     """The whole manifest. ``created_on`` and ``archiver_version`` are absent in legacy archives."""
 
     created_on: str | None = Field(default=None, alias="createdOn")
-    runtime: Literal["python", "python3", "LSP"] = "python"
+    runtime: Runtime = "python"
     model: ModelSection
     archiver_version: str | None = Field(default=None, alias="archiverVersion")
 
@@ -69,7 +70,7 @@ def new_manifest(
     model_name: str,
     handler: str,
     version: str,
-    runtime: str = "python",
+    runtime: Runtime = "python",
     serialized_file: str | None = None,
     model_file: str | None = None,
     requirements_file: str | None = None,

@@ -166,7 +166,7 @@ class BaseHandler:
 
     # -- the entry point ----------------------------------------------------------------------
 
-    def handle(self, data: list[Any], context: Any) -> list[Any]:
+    def handle(self, data: list[Any], context: Any) -> Any:
         """preprocess -> inference -> postprocess (or describe/explain, by header); one output per request."""
         start = time.perf_counter()
         self.context = context
@@ -261,7 +261,7 @@ class BaseHandler:
         context = self.context
         if context is None or not getattr(context, "request_processor", None):
             return False
-        return context.get_request_header(0, name) == "True"
+        return bool(context.get_request_header(0, name) == "True")
 
     def _is_explain(self) -> bool:
         if self._header_is_true("explain"):

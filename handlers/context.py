@@ -58,12 +58,12 @@ class RequestHeaders(dict):  # type: ignore[type-arg]
             self[key] = default
         return self[key]
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         for items in (*args, kwargs):
             for key, value in items.items() if isinstance(items, Mapping) else items:
                 self[key] = value
 
-    def copy(self) -> RequestHeaders:  # type: ignore[override]
+    def copy(self) -> RequestHeaders:
         return RequestHeaders(self)
 
 
@@ -182,4 +182,5 @@ class Context:
         self.request_processor[idx].add_response_property(key, value)
 
     def get_sequence_id(self, idx: int) -> str | None:
-        return self.get_request_header(idx, "ts_request_sequence_id")
+        sequence_id: str | None = self.get_request_header(idx, "ts_request_sequence_id")
+        return sequence_id

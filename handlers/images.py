@@ -105,7 +105,7 @@ def image_input(row: Any) -> bytes | bytearray | memoryview | list[Any]:
 def open_image(raw: bytes | bytearray | memoryview, formats: Sequence[str] | None = DEFAULT_FORMATS) -> Image.Image:
     """Decode completely (so corrupt data fails here, not in a transform), refusing decompression bombs."""
     try:
-        image = Image.open(io.BytesIO(raw), formats=formats)
+        image = Image.open(io.BytesIO(raw), formats=None if formats is None else tuple(formats))
     except Image.DecompressionBombError as exc:
         message = f"image refused as a possible decompression bomb: {exc} (limit_max_image_pixels)"
         raise RequestError(message, 413) from None

@@ -143,7 +143,7 @@ def load_eager(model_dir: str, model_file: str, pt_path: str | None, device: tor
         )
     model_class = classes[0]
     try:
-        model = model_class()
+        model: torch.nn.Module = model_class()
     except Exception as exc:
         raise ModelLoadError(f"{model_class.__name__}() failed: {type(exc).__name__}: {one_line(exc)}") from exc
     if pt_path:
@@ -162,7 +162,7 @@ def load_torchscript(pt_path: str, device: torch.device) -> Any:
         # torch >= 2.9 marks TorchScript deprecated; archives made with it still have to load.
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            return torch.jit.load(pt_path, map_location=device)
+            return torch.jit.load(pt_path, map_location=device)  # type: ignore[no-untyped-call]
         except Exception as exc:
             raise ModelLoadError(f"cannot load TorchScript file {os.path.basename(pt_path)}: {one_line(exc)}") from None
 

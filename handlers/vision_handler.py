@@ -9,6 +9,7 @@ own transforms run on tensors instead (handlers/images.py), which is faster and 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ class VisionHandler(BaseHandler):
     #: Decoding threads; None: the model YAML's ``handler: {decode_threads: N}``, else up to 8 for
     #: batches of images big enough to gain from them (images.worth_parallel_decoding).
     decode_threads: int | None = None
+    #: PIL image -> tensor; the built-in handlers and TorchServe's subclasses set it.
+    image_processing: Callable[[Any], Any]
     #: The tensor twin of the built-in ``image_processing``; used only while that is not overridden.
     _fast_path: FastPath | None = None
 
@@ -61,6 +64,7 @@ class VisionHandler(BaseHandler):
             elif isinstance(item, torch.Tensor):
                 tensors.append(item.to(self.device))
             elif spec is not None:
+                assert self.device is not None  # set by initialize()
                 tensors.append(images.resize_crop(images.to_tensor_uint8(item, self.device), spec))
             else:
                 # The handler's own transforms run here, in order and in one thread, as TorchServe runs them.

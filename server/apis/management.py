@@ -4,7 +4,7 @@ set-default, and token rotation."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from ..config import ServerConfig
@@ -178,7 +178,7 @@ def describe(model: VersionStatus) -> dict[str, Any]:
 
 
 def _iso_millis(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _params(request: Request) -> dict[str, str]:

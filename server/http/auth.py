@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from ..config import Address, ServerConfig
@@ -113,7 +113,7 @@ def _new_key() -> bytes:
 
 def _instant(epoch: float) -> str:
     """Java's ``Instant.toString()``, as TorchServe writes expiry times: ``...T21:12:24.801167Z``."""
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def is_loopback(host: str) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
-from python_multipart.multipart import MultipartParseError, MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
 
 from ..errors import BadRequest
 
