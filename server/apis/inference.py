@@ -43,10 +43,11 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[Route]:
         Route("/", api_description, methods("OPTIONS"), None, reads_body=False),
         Route("/api-description", api_description, _ANY, None, reads_body=False),
         Route("/ping", ping, _ANY, None, reads_body=False),
-        Route("/predictions/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
+        # The prediction first: the router tries a path's routes in order, and this is the hot one.
         Route("/predictions/{model_name}/{rest:path}", _predict(registry, metrics, False), _PREDICT_METHODS, INFERENCE),
-        Route("/explanations/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
+        Route("/predictions/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
         Route("/explanations/{model_name}/{rest:path}", _predict(registry, metrics, True), _PREDICT_METHODS, INFERENCE),
+        Route("/explanations/{model_name}/{rest:path}", model_description, methods("OPTIONS"), INFERENCE, False),
     ]
 
 
@@ -65,17 +66,13 @@ def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callab
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         job = Job(request.request_id, headers, request_params(request.content_type(), request.body), future, request.received)
 
-        def record(_: object) -> None:
-            # TorchServe counts every request that reached its queue, even one refused there.
+        def record(status: int) -> None:
             queued = job.dispatched - job.received if job.dispatched else 0.0
             metrics.inference(name, version or None, model.version, time.perf_counter() - job.received, queued)
 
-        try:
-            model.submit(job, versioned=bool(version))
-        except BaseException:
-            record(None)
-            raise
-        future.add_done_callback(record)
+        # TorchServe counts every request that reached its queue, even one refused there.
+        request.on_answered = record
+        model.submit(job, versioned=bool(version))
         return future
 
     return predict

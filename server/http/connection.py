@@ -66,15 +66,28 @@ class _Refused(Exception):
     """Raised from a parser callback to refuse the message (the reason is ``_refusal``)."""
 
 
-class _Exchange:
-    """One request on this connection, from its head to its answer."""
+class _Exchange(Request):
+    """One request on this connection, from its head to its answer: the request its route sees,
+    and where the connection is with it."""
 
-    __slots__ = ("request", "route", "refusal", "chunks", "size", "body_seen", "complete", "started", "answered", "pending")
+    __slots__ = ("route", "refusal", "chunks", "size", "body_seen", "complete", "started", "answered", "pending")
 
-    def __init__(self, request: Request, route: Route, refusal: ServerError | None) -> None:
-        self.request = request
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        request_id: str,
+        keep_alive: bool,
+        route: Route,
+        path_params: dict[str, str],
+    ) -> None:
+        super().__init__(method, path, query_string, headers, client, request_id, time.perf_counter(), keep_alive)
+        self.path_params = path_params
         self.route = route
-        self.refusal = refusal  # decided from the head: answered as soon as it is this request's turn
+        self.refusal: ServerError | None = None  # decided from the head: answered when its turn comes
         self.chunks: list[bytes] = []
         self.size = 0
         self.body_seen = False
@@ -93,6 +106,7 @@ class HttpConnection(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0  # the parsed head's bytes: its URL and header lines
         self._in_head = True
         self._head_bytes = 0  # raw bytes received since the head began
         self._incomplete = True  # the client owes the rest of a request (or its first byte)
@@ -176,6 +190,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._head_size = 0
         self._in_head = True
         self._incomplete = True
         if self._timer is None:
@@ -186,6 +201,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
+        self._head_size += len(name) + len(value) + 4
         if len(self._headers) > MAX_HEADERS:
             self._refusal = TOO_MANY_HEADERS
             raise _Refused
@@ -194,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
         headers = self._headers
         # A head that arrived in one read is only seen whole here; one read is at most the event
         # loop's read buffer, so what was parsed before this check is bounded too.
-        if len(self._url) + sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEAD_BYTES:
+        if len(self._url) + self._head_size > MAX_HEAD_BYTES:
             self._refusal = HEAD_TOO_LARGE
             raise _Refused
         self._in_head = False
@@ -211,12 +227,9 @@ class HttpConnection(asyncio.Protocol):
         door = self.door
         policy = door.policy
         keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
-        request = Request(
-            method, path, url.query or b"", headers, self.client, policy.request_id(), time.perf_counter(),
-            keep_alive,
-        )  # fmt: skip
-        route, request.path_params = door.router.match(method, path)
-        exchange = _Exchange(request, route, policy.check_head(route.key, headers))
+        route, params = door.router.match(method, path)
+        exchange = _Exchange(method, path, url.query or b"", headers, self.client, policy.request_id(), keep_alive, route, params)
+        exchange.refusal = policy.check_head(route.key, headers)
         self._receiving = exchange
         self._queue.append(exchange)
         if len(self._queue) == 1:
@@ -282,22 +295,21 @@ class HttpConnection(asyncio.Protocol):
             self._answer_error(exchange, exchange.refusal)
         elif exchange.complete or not exchange.route.reads_body:
             self._dispatch(exchange)
-        elif exchange.request.header(b"expect") == b"100-continue" and self.transport is not None:
+        elif exchange.header(b"expect") == b"100-continue" and self.transport is not None:
             self.transport.write(_CONTINUE)
 
     def _dispatch(self, exchange: _Exchange) -> None:
-        request = exchange.request
         chunks = exchange.chunks
         if chunks:
-            request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            exchange.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             exchange.chunks = []
         try:
-            result = exchange.route.handler(request)
+            result = exchange.route.handler(exchange)
         except ServerError as error:
             self._answer_error(exchange, error)
             return
         except Exception as exc:  # a bug must still answer, in the route's format
-            log.exception("unexpected error serving %s %s", request.method, request.path)
+            log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
             self._answer_error(exchange, ServerError(f"{type(exc).__name__}: {exc}"))
             return
         if isinstance(result, asyncio.Future):
@@ -323,8 +335,7 @@ class HttpConnection(asyncio.Protocol):
         elif isinstance(error, ServerError):
             self._answer_error(exchange, error)
         else:
-            request = exchange.request
-            log.error("unexpected error serving %s %s: %r", request.method, request.path, error)
+            log.error("unexpected error serving %s %s: %r", exchange.method, exchange.path, error)
             self._answer_error(exchange, ServerError(f"{type(error).__name__}: {error}"))
 
     def _answer_error(self, exchange: _Exchange, error: ServerError) -> None:
@@ -338,7 +349,7 @@ class HttpConnection(asyncio.Protocol):
     def _answer(self, exchange: _Exchange, answer: Answer) -> None:
         policy = self.door.policy
         try:
-            lines = head(answer, policy.headers, policy.header_lines, exchange.request.request_id)
+            lines = head(answer, policy.headers, policy.header_lines, exchange.request_id)
         except ValueError as exc:
             self._answer_error(exchange, ServerError(f"The handler set an invalid {exc}"))
             return
@@ -348,11 +359,10 @@ class HttpConnection(asyncio.Protocol):
         if exchange.answered:
             return
         exchange.answered = True
-        request = exchange.request
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            close = not request.keep_alive or self._closing or self.door.closing
-            if not exchange.complete and not exchange.body_seen and request.header(b"expect") is not None:
+            close = not exchange.keep_alive or self._closing or self.door.closing
+            if not exchange.complete and not exchange.body_seen and exchange.header(b"expect") is not None:
                 # Answered before a body the client holds back until told to continue: whether it
                 # sends it now is up to the client, so the next bytes may not be a request.
                 close = True
@@ -360,7 +370,7 @@ class HttpConnection(asyncio.Protocol):
                 b"".join((
                     lines, self.door.policy.date_line(), b"content-length: %d\r\n" % len(body),
                     b"connection: close\r\n\r\n" if close else b"\r\n",
-                    b"" if request.method == "HEAD" else body,
+                    b"" if exchange.method == "HEAD" else body,
                 ))
             )  # fmt: skip
             if close:
@@ -372,10 +382,11 @@ class HttpConnection(asyncio.Protocol):
         self._advance()
 
     def _finished(self, exchange: _Exchange, status: int) -> None:
-        request = exchange.request
         self.door.policy.answered(
-            self.client, request.method, request.path, status, request.received, request.request_id
+            self.client, exchange.method, exchange.path, status, exchange.received, exchange.request_id
         )
+        if exchange.on_answered is not None:
+            exchange.on_answered(status)
 
     def _client_gone(self, exchange: _Exchange) -> None:
         """The connection closed before ``exchange`` was answered."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 
@@ -14,7 +15,7 @@ class Request:
 
     __slots__ = (
         "method", "path", "query_string", "headers", "client", "request_id", "received", "keep_alive",
-        "path_params", "body", "_query",
+        "path_params", "body", "on_answered", "_query",
     )  # fmt: skip
 
     def __init__(
@@ -38,6 +39,9 @@ class Request:
         self.keep_alive = keep_alive
         self.path_params: dict[str, str] = {}
         self.body = b""
+        #: Called with the status once the request is answered, or 499 if its client left first:
+        #: a route's own bookkeeping (a prediction's latency metrics, say), without a callback of its own.
+        self.on_answered: Callable[[int], None] | None = None
         self._query: list[tuple[str, str]] | None = None
 
     def header(self, name: bytes) -> bytes | None:

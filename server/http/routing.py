@@ -33,35 +33,47 @@ class Route:
     reads_body: bool = True
     errors: ErrorRenderer = torchserve_error
     segments: tuple[str, ...] = field(init=False)
+    # Each segment as (literal, parameter name, takes the rest): parsed once, matched per request.
+    _compiled: tuple[tuple[str, str, bool], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "segments", tuple(split_path(self.pattern)))
+        segments = tuple(split_path(self.pattern))
+        object.__setattr__(self, "segments", segments)
+        object.__setattr__(self, "_compiled", tuple(_compile(segment) for segment in segments))
         if self.methods is not None and "GET" in self.methods:
             object.__setattr__(self, "methods", self.methods | {"HEAD"})
 
     def match(self, parts: Sequence[str]) -> dict[str, str] | None:
         params: dict[str, str] = {}
-        for i, segment in enumerate(self.segments):
-            if segment.endswith(":path}"):
-                params[segment[1:-6]] = "/".join(parts[i:])
+        count = len(parts)
+        for i, (literal, name, rest) in enumerate(self._compiled):
+            if rest:
+                params[name] = "/".join(parts[i:])
                 return params
-            if i >= len(parts):
+            if i >= count:
                 return None
-            if segment.startswith("{"):
+            if name:
                 if not parts[i]:
                     return None
-                params[segment[1:-1]] = parts[i]
-            elif segment != parts[i]:
+                params[name] = parts[i]
+            elif literal != parts[i]:
                 return None
-        return params if len(parts) == len(self.segments) else None
+        return params if count == len(self._compiled) else None
+
+
+def _compile(segment: str) -> tuple[str, str, bool]:
+    if segment.startswith("{") and segment.endswith("}"):
+        name, _, kind = segment[1:-1].partition(":")
+        return "", name, kind == "path"
+    return segment, "", False
 
 
 def split_path(path: str) -> list[str]:
     """``/a/b/`` -> ``["a", "b"]``: Java's split, which drops trailing empty segments."""
-    parts = path.split("/")[1:] if path.startswith("/") else path.split("/")
-    while parts and not parts[-1]:
-        parts.pop()
-    return parts
+    path = path.rstrip("/")
+    if path.startswith("/"):
+        path = path[1:]
+    return path.split("/") if path else []
 
 
 def methods(*names: str) -> frozenset[str]:

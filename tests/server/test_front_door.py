@@ -157,7 +157,7 @@ def test_a_route_answering_with_a_future_and_with_a_coroutine(door: FrontDoor) -
         door.resolve(Response(202, b"done", "text/plain", (("x-extra", "1"), ("content-length", "99"))))
         answer = read_all(sock, b"done")
     assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
-    assert b"x-extra: 1\r\n" in answer and b"content-length: 4\r\n" in answer and b"99" not in answer
+    assert b"x-extra: 1\r\n" in answer and b"content-length: 4\r\n" in answer and b"content-length: 99" not in answer
     reply = httpx.post(f"{door.url}/v9/slowly", content=b"abc")
     assert (reply.status_code, reply.headers["x-kind"], reply.headers["content-type"]) == (201, "coroutine", "text/plain")
 
