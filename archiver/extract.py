@@ -4,13 +4,13 @@ An archive is untrusted input. Extraction never writes outside its private direc
 every member path is checked after resolution (not by string prefix), links are created
 only after every regular file is written and must resolve inside the directory, special
 files are refused, and the number of entries and the bytes actually written are capped.
-Each refusal is an ArchiveError naming the archive and the offending entry.
+Each refusal is an ArchiveError naming the archive and the offending entry. Once an archive
+is open, every path its manifest names must resolve inside it too (``archiver.paths``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 import tarfile
@@ -24,11 +24,11 @@ from typing import IO, Literal
 
 from .errors import ArchiveError, one_line
 from .manifest import MANIFEST_PATH, Manifest, ModelSection, check_model_name, parse_manifest
+from .paths import DRIVE, archive_path, check_manifest_file, check_manifest_paths, is_inside
 
 _CHUNK = 1 << 20
 _MAX_MANIFEST_BYTES = 1 << 20
 _MAX_LINK_BYTES = 4096
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".mar", ".model")
 
 
@@ -48,6 +48,11 @@ class ModelArchive:
     model_dir: Path
     # The private directory this archive was extracted into; None when a directory is used in place.
     workdir: Path | None = None
+
+    def path(self, field: str, entry: str) -> Path:
+        """The file the manifest's ``field`` names with ``entry``, resolved inside the archive;
+        ArchiveError if it lies outside (see ``archiver.paths``)."""
+        return archive_path(self.model_dir, entry, field)
 
     def cleanup(self) -> None:
         if self.workdir is not None:
@@ -73,27 +78,39 @@ def open_archive(
     """Open ``source``, extracting it into a new private (0700) directory under ``workdir_root``.
 
     A directory is used in place. ``default_name`` names a model whose archive has no
-    manifest (TorchServe accepts those); it defaults to the file name.
+    manifest (TorchServe accepts those); it defaults to the file name. Every path the manifest
+    names must lie inside the archive (``archiver.paths``), or this raises ArchiveError.
     """
     path = Path(source)
     fallback = default_name or model_name_from_path(path)
     if path.is_dir():
         model_dir = _model_root(path)
-        return ModelArchive(read_manifest(model_dir, fallback), model_dir)
+        return ModelArchive(_confined_manifest(model_dir, fallback), model_dir)
     if not path.is_file():
         raise ArchiveError(f"model archive not found: {path}")
     workdir = Path(tempfile.mkdtemp(prefix="marserve-model-", dir=workdir_root))
     try:
         extract(path, workdir, limits)
         model_dir = _model_root(workdir)
-        return ModelArchive(read_manifest(model_dir, fallback), model_dir, workdir)
+        return ModelArchive(_confined_manifest(model_dir, fallback), model_dir, workdir)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
 
 
+def _confined_manifest(model_dir: Path, default_name: str) -> Manifest:
+    manifest = read_manifest(model_dir, default_name)
+    check_manifest_paths(manifest, model_dir)
+    return manifest
+
+
 def read_manifest(model_dir: Path, default_name: str | None = None) -> Manifest:
-    """The manifest of an extracted archive; without one, a minimal manifest named ``default_name``."""
+    """The manifest of an extracted archive; without one, a minimal manifest named ``default_name``.
+
+    The manifest itself must lie inside ``model_dir`` (a directory archive's may be a link); the
+    paths it names are checked by ``archiver.paths.check_manifest_paths``.
+    """
+    check_manifest_file(model_dir)
     path = model_dir / MANIFEST_PATH
     if not path.is_file():
         if not default_name:
@@ -107,7 +124,9 @@ def read_manifest(model_dir: Path, default_name: str | None = None) -> Manifest:
 def _model_root(directory: Path) -> Path:
     # TorchServe's rule, which also strips the top folder of a .tar.gz made with --archive-format tgz:
     # a directory holding nothing but one sub-directory stands for that sub-directory.
-    if (directory / MANIFEST_PATH).exists():
+    # lexists: a manifest that is a link, dangling or not, is this directory's (and is then refused
+    # if it leads out), so which directory is the model's never depends on what lies outside.
+    if os.path.lexists(directory / MANIFEST_PATH):
         return directory
     children = list(directory.iterdir())
     if len(children) == 1 and children[0].is_dir() and not children[0].is_symlink():
@@ -234,14 +253,14 @@ def _too_big(entry: _Entry, limits: ExtractLimits) -> ArchiveError:
 def _member_path(root: Path, name: str) -> Path:
     if "\x00" in name:
         raise ArchiveError(f"entry {name!r} has a NUL byte in its name")
-    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+    if name.startswith(("/", "\\")) or DRIVE.match(name):
         raise ArchiveError(f"entry {name!r} has an absolute path")
     parts = [part for part in PurePosixPath(name).parts if part not in ("", ".")]
     if ".." in parts:
         raise ArchiveError(f"entry {name!r} points outside the archive (..)")
     target = root.joinpath(*parts)
     # Resolution follows anything already on disk, so the check holds whatever came before.
-    if not target.resolve().is_relative_to(root):
+    if not is_inside(target, root):
         raise ArchiveError(f"entry {name!r} resolves outside the extraction directory")
     return target
 
@@ -271,7 +290,7 @@ def _make_link(root: Path, entry: _Entry, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(origin, target, follow_symlinks=False)
         return
-    if entry.link.startswith(("/", "\\")) or _DRIVE.match(entry.link):
+    if entry.link.startswith(("/", "\\")) or DRIVE.match(entry.link):
         raise ArchiveError(f"entry {entry.name!r} is a link to an absolute path")
     if "\x00" in entry.link:
         raise ArchiveError(f"entry {entry.name!r} is a link with a NUL byte in its target")
@@ -281,9 +300,5 @@ def _make_link(root: Path, entry: _Entry, target: Path) -> None:
 
 
 def _check_inside(root: Path, entry: _Entry, target: Path) -> None:
-    try:
-        inside = target.resolve().is_relative_to(root)
-    except (RuntimeError, OSError):  # a link loop: 3.11 raises RuntimeError, 3.13 OSError
-        inside = False
-    if not inside:
+    if not is_inside(target, root):
         raise ArchiveError(f"entry {entry.name!r} is a link that points outside the archive")

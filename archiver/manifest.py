@@ -45,6 +45,9 @@ class ModelSection(_Section):
     extensions: Any = None
     requirements_file: str | None = Field(default=None, alias="requirementsFile")
     config_file: str | None = Field(default=None, alias="configFile")
+    # Not written by torch-model-archiver 0.12; read so that its paths, when a manifest has them,
+    # are confined like the others (archiver.paths). A comma-separated string or a list.
+    extra_files: str | list[str] | None = Field(default=None, alias="extraFiles")
 
 
 class Manifest(_Section):

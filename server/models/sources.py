@@ -2,7 +2,9 @@
 
 A register URL names an archive in the model store, or an ``http(s)://`` or ``file://`` URL that
 ``allowed_urls`` lets through. The archive is opened into a private working copy and, when
-``install_py_dep_per_model`` is on, its requirements are pip-installed into that copy.
+``install_py_dep_per_model`` is on, its requirements are pip-installed into that copy. Opening it
+refuses a manifest that names a path outside the archive (``archiver.paths``) with a 400, before
+any file the manifest names is read.
 """
 
 from __future__ import annotations
@@ -144,7 +146,11 @@ def read_model_yaml(archive: ModelArchive) -> tuple[ModelYamlConfig, dict[Any, A
     config_file = archive.manifest.model.config_file
     text = ""
     if config_file:
-        path = archive.model_dir / config_file
+        # open_archive has confined it already; resolving it here again reads only what was checked.
+        try:
+            path = archive.path("configFile", config_file)
+        except ArchiveError as exc:
+            raise InvalidModel(str(exc)) from None
         if not path.is_file():
             raise InvalidModel(f"model config file not found in the archive: {config_file}")
         text = path.read_text()

@@ -9,6 +9,7 @@ absolute paths into the sandbox, drive letters, backslashes, NUL) mixed with arb
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -24,6 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from archiver import MANIFEST_PATH, ArchiveError, ExtractLimits, open_archive
+from archiver.paths import confined
+from archiver.paths import manifest_paths as manifest_path_entries
 
 LIMITS = ExtractLimits(max_bytes=64 << 10, max_entries=24)
 OUTSIDE = "<outside>"  # stands for the absolute path of a directory outside the extraction root
@@ -259,3 +262,44 @@ def test_deeply_nested_manifest_is_an_archive_error() -> None:
             archive.writestr(MANIFEST_PATH, "[" * 100_000)
         with pytest.raises(ArchiveError):
             open_archive(path, workdir_root=base / "work", limits=ExtractLimits())
+
+
+path_fields = st.sampled_from(["serializedFile", "modelFile", "handler", "requirementsFile", "configFile", "extraFiles"])
+manifest_paths = st.one_of(paths, st.just(OUTSIDE + "/canary.txt"), st.just("../" * 7 + OUTSIDE.lstrip("/")))
+
+
+@SETTINGS
+@given(st.dictionaries(path_fields, manifest_paths, min_size=1), st.lists(members, max_size=6))
+@example({"configFile": OUTSIDE + "/canary.txt"}, [])
+@example({"serializedFile": "w"}, [Member("symlink", "w", target=OUTSIDE + "/canary.txt")])
+@example({"configFile": "l/canary.txt"}, [Member("symlink", "l", target="../../outside")])
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_manifest_paths_stay_inside_and_refusals_do_not_tell_what_is_outside(
+    fields: dict[str, str], entries: list[Member]
+) -> None:
+    with sandbox() as base:
+        outside = base / "outside"
+        model = {"modelName": "m", **{field: resolve(value, outside) for field, value in fields.items()}}
+        manifest = Member("file", MANIFEST_PATH, json.dumps({"model": model}).encode())
+        path = base / "src" / "model.mar"
+        if not write_archive(path, "zip", [manifest, *entries], outside):
+            return
+        outcomes = []
+        for present in (True, False):
+            if not present:
+                (outside / "canary.txt").rename(base / "canary.txt")
+            try:
+                opened = open_archive(path, workdir_root=base / "work", limits=LIMITS, default_name="m")
+            except ArchiveError as exc:
+                outcomes.append(str(exc).replace(str(base), "<base>"))
+                continue
+            try:
+                named = [p for _, _, p in manifest_path_entries(opened.manifest)]
+                for name in named:
+                    found = confined(opened.model_dir, name)
+                    assert found is not None and found.is_relative_to(opened.model_dir.resolve()), name
+                outcomes.append("opened")
+            finally:
+                opened.cleanup()
+        # Whether a file exists outside the archive never changes the answer.
+        assert outcomes[0] == outcomes[1]

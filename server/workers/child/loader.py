@@ -29,12 +29,22 @@ def _import(module_name: str) -> ModuleType:
     return importlib.import_module(f"handlers.{module_name}")
 
 
-def load_handler(handler: str) -> tuple[Callable[[Any], Any], Entry]:
-    """Return ``(initialize, entry)`` for ``module[.py][:function]`` or a built-in name."""
+def handler_module(handler: str) -> tuple[str, str]:
+    """``(module, function)`` for ``module[.py][:function]``: only the last ``/`` part of the module
+    counts (TorchServe's rule), and it is imported from ``sys.path``, the model's directory first.
+
+    The frontend confines the files this names to the archive with ``archiver.handler_module``,
+    which must agree with this one (tests/server/test_manifest_paths.py checks that they do); it
+    is not imported here because the worker does not load the archiver (or pydantic).
+    """
     module_part, _, function = handler.partition(":")
     module_name = module_part.rsplit("/", 1)[-1]
-    if module_name.endswith(".py"):
-        module_name = module_name[:-3]
+    return module_name.removesuffix(".py"), function
+
+
+def load_handler(handler: str) -> tuple[Callable[[Any], Any], Entry]:
+    """Return ``(initialize, entry)`` for ``module[.py][:function]`` or a built-in name."""
+    module_name, function = handler_module(handler)
     module = _import(module_name)
     function = function or "handle"
     entry = getattr(module, function, None)
