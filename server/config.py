@@ -36,6 +36,7 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,8 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+
+from .workers.placement import default_max_workers, detect_gpu_count, machine_cpus, machine_memory
 
 
 class ConfigError(Exception):
@@ -231,6 +234,64 @@ def _address(text: str, key: str) -> Address:
     return Address(scheme="https" if ssl else "http", host=host, port=port)
 
 
+# ---------------------------------------------------------------- ranges
+# Every numeric setting has one range, defined here and checked by every source that sets it: the
+# register and scale calls (server/models/settings.py, registry.py), the model YAML and ``models=``
+# (ModelYamlConfig) and config.properties (ServerConfig). The README's configuration reference lists
+# them; a value outside its range is refused with a message that names the setting and the range.
+
+
+@dataclass(frozen=True)
+class Range:
+    """The integers a setting may take, ``low`` to ``high`` inclusive."""
+
+    low: int
+    high: int
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def expected(self) -> str:
+        return f"expected an integer from {self.low} to {self.high}"
+
+    def up_to(self, high: int) -> Range:
+        """This range, its top lowered to ``high`` (a cap the server's configuration sets)."""
+        return Range(self.low, min(self.high, high))
+
+
+BATCH_SIZE = Range(1, 1024)  # batch_size, batchSize (YAML, models=: 0 is "not set")
+MAX_BATCH_DELAY = Range(0, 10_000)  # ms; the API's 0 is "do not wait", the YAML's "not set"
+RESPONSE_TIMEOUT = Range(1, 3600)  # s: response_timeout, responseTimeout, default_response_timeout
+STARTUP_TIMEOUT = Range(1, 3600)  # s: startup_timeout, startupTimeout, default_startup_timeout
+JOB_QUEUE_SIZE = Range(1, 100_000)  # job_queue_size, jobQueueSize
+# One model's worker count (initial_workers, min_worker, max_worker, minWorkers, maxWorkers,
+# default_workers_per_model); max_workers_per_model lowers the top (WorkerCaps.workers).
+WORKERS = Range(0, 4096)
+WORKER_CAP = Range(1, 4096)  # max_workers, max_workers_per_model
+UNREGISTER_TIMEOUT = Range(1, 3600)  # s
+GPU_COUNT = Range(0, 1024)  # number_of_gpu
+DEVICE_ID = Range(0, 1023)  # deviceIds items
+MESSAGE_SIZE = Range(1, 2**31 - 1)  # bytes: max_request_size, max_response_size
+READ_TIMEOUT = Range(1, 3600)  # s: request_read_timeout
+DOWNLOAD_SIZE = Range(1, 1 << 40)  # bytes: max_download_size
+TOKEN_MINUTES = Range(1, 525_600)  # token_expiration_min: a year at most
+RETRY_TIMEOUT = Range(0, 86_400)  # s: maxRetryTimeoutInSec
+CLIENT_TIMEOUT_MS = Range(0, 86_400_000)  # ms: clientTimeoutInMills
+PARALLEL_LEVEL = Range(0, 1024)  # parallelLevel
+
+
+def _within(limits: Range, *, zero: str | None = None) -> AfterValidator:
+    """Checks a value against ``limits``; ``zero``: 0 is accepted too, meaning this."""
+    expected = limits.expected() + (f", or 0 for {zero}" if zero else "")
+
+    def check(value: int) -> int:
+        if value in limits or (zero and value == 0):
+            return value
+        raise ValueError(expected)
+
+    return AfterValidator(check)
+
+
 # ---------------------------------------------------------------- value types
 # Values arrive as text (file, env) or typed (CLI overrides, Python callers). pydantic checks types,
 # ranges and choices; the validators below only bring text to the form it checks, and say what
@@ -287,6 +348,7 @@ def _all_or_list(models: list[str]) -> list[str]:
 
 
 Int = Annotated[int, Field(strict=True), BeforeValidator(_int_text)]
+OptWorkerCap = Annotated[Annotated[Int, _within(WORKER_CAP)] | None, _blank_is(None)]
 NonNegInt = Annotated[Int, Field(ge=0)]
 PosInt = Annotated[Int, Field(ge=1)]
 Bool = Annotated[bool, Field(strict=True), BeforeValidator(_java_bool)]
@@ -294,6 +356,28 @@ OptStr = Annotated[str | None, _blank_is(None)]
 OptPath = Annotated[Path | None, _blank_is(None)]
 AddressValue = Annotated[Address, BeforeValidator(_to_address)]
 CommaList = Annotated[list[str], BeforeValidator(_split_commas), AfterValidator(_drop_blank)]
+
+
+def _check_models_json(models: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    # ModelYamlConfig is defined further down; this runs only once a config is built.
+    problems: list[str] = []
+    for name, versions in models.items():
+        for version, entry in versions.items():
+            try:
+                ModelYamlConfig.model_validate(entry)
+            except ValidationError as exc:
+                problems.extend(f"{name} {version} {_problem(error)}" for error in exc.errors())
+    if problems:
+        raise ValueError("; ".join(problems))
+    return models
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as ``key: value (expected ...)``."""
+    key = ".".join(str(part) for part in error["loc"]) or "?"
+    template = _EXPECTED.get(error["type"])
+    expected = template.format(**error.get("ctx", {})) if template else error["msg"]
+    return f"{key}: {_shown(error['input'])} ({expected})"
 
 
 # ---------------------------------------------------------------- errors
@@ -359,21 +443,37 @@ class ServerConfig(BaseModel):
 
     model_store: OptPath = None
     load_models: Annotated[CommaList, AfterValidator(_all_or_list)] = []
-    models: Annotated[Json[dict[str, dict[str, dict[str, Any]]]], _blank_is("{}")] = {}
+    # Each version's entry is checked as a model YAML is (ModelYamlConfig): types and ranges.
+    models: Annotated[
+        Json[dict[str, dict[str, dict[str, Any]]]], _blank_is("{}"), AfterValidator(_check_models_json)
+    ] = {}
     model_snapshot: Annotated[Json[dict[str, Any]] | None, _blank_is(None)] = None
 
-    job_queue_size: PosInt = 100
-    default_workers_per_model: NonNegInt = 0  # 0: one per GPU, else one per CPU
-    default_response_timeout: PosInt = 120
-    default_startup_timeout: PosInt = 120
-    unregister_model_timeout: PosInt = 120
+    job_queue_size: Annotated[Int, _within(JOB_QUEUE_SIZE)] = 100
+    # DEV: 0 means 1 (TorchServe: one per GPU, else one per CPU); at most max_workers_per_model.
+    default_workers_per_model: Annotated[Int, _within(WORKERS)] = 0
+    default_response_timeout: Annotated[Int, _within(RESPONSE_TIMEOUT)] = 120
+    default_startup_timeout: Annotated[Int, _within(STARTUP_TIMEOUT)] = 120
+    unregister_model_timeout: Annotated[Int, _within(UNREGISTER_TIMEOUT)] = 120
     # None: all detected; the caller clamps it to what it detects.
-    number_of_gpu: Annotated[NonNegInt | None, _blank_is(None)] = None
+    number_of_gpu: Annotated[Annotated[Int, _within(GPU_COUNT)] | None, _blank_is(None)] = None
+    # DEV (new keys): the most workers the server runs in all, and for one model version. None
+    # (unset): derived from the machine when the server starts (see worker_caps).
+    max_workers: OptWorkerCap = None
+    max_workers_per_model: OptWorkerCap = None
 
-    max_request_size: PosInt = 6553500
-    max_response_size: PosInt = 6553500
+    max_request_size: Annotated[Int, _within(MESSAGE_SIZE)] = 6553500
+    max_response_size: Annotated[Int, _within(MESSAGE_SIZE)] = 6553500
     # Seconds a connection may go silent while it owes the server a request; then it is closed.
-    request_read_timeout: PosInt = 60  # DEV: not a TorchServe key
+    request_read_timeout: Annotated[Int, _within(READ_TIMEOUT)] = 60  # DEV: not a TorchServe key
+    # DEV (new keys), against clients that trickle: a request head must be complete this many
+    # seconds after its first byte; a body must arrive at this many bytes a second on average,
+    # after a first request_read_timeout seconds of grace (0: no minimum).
+    request_head_timeout: Annotated[Int, Field(ge=1, le=3600)] = 10
+    min_request_body_rate: Annotated[Int, Field(ge=0)] = 16384
+    # DEV (new key): open connections per listener; at the cap, a new connection closes the oldest
+    # one that is idle or has not sent a whole request head, else it is refused.
+    max_connections: Annotated[Int, Field(ge=1, le=1_000_000)] = 4096
     limit_max_image_pixels: Bool = True
     decode_input_request: Bool = True
     service_envelope: Annotated[
@@ -381,7 +481,8 @@ class ServerConfig(BaseModel):
     ] = None
     default_service_handler: OptStr = None
     install_py_dep_per_model: Bool = False
-    max_download_size: PosInt = 10 << 30  # DEV (new key): bytes an archive download may have
+    # DEV (new key): bytes an archive download may have
+    max_download_size: Annotated[Int, _within(DOWNLOAD_SIZE)] = 10 << 30
 
     # DEV: empty (TorchServe allows any URL)
     allowed_urls: Annotated[CommaList, AfterValidator(lambda urls: [_regex(u) for u in urls])] = []
@@ -390,7 +491,7 @@ class ServerConfig(BaseModel):
     enable_model_api: Bool = True  # DEV: TorchServe false
     # None (unset): tokens are on exactly when an API listens beyond loopback; see server/http/auth.py.
     disable_token_authorization: Annotated[Bool | None, _blank_is(None)] = None  # DEV: TorchServe false
-    token_expiration_min: PosInt = 60
+    token_expiration_min: Annotated[Int, _within(TOKEN_MINUTES)] = 60
     enable_envvars_config: Bool = False
     cors_allowed_origin: OptStr = None
     cors_allowed_methods: OptStr = None
@@ -405,6 +506,10 @@ class ServerConfig(BaseModel):
     log_location: Annotated[Path, _blank_is(None)] = Path("logs")  # DEV: a key, not only env
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _folded(str.upper)] = "INFO"
     log_format: Annotated[Literal["text", "json"], _folded(str.lower)] = "text"
+    # DEV (new keys): ts_log.log, model_log.log and access_log.log are rotated at this size, keeping
+    # this many old files (TorchServe's log4j2 rotates at 100 MB too).
+    log_max_bytes: Annotated[Int, Field(ge=1024)] = 100 << 20
+    log_backup_count: Annotated[Int, Field(ge=0, le=1000)] = 5
 
     ignored_keys: tuple[str, ...] = ()
 
@@ -449,6 +554,56 @@ def key_warnings(config: ServerConfig) -> list[str]:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         warnings.append(f"unknown configuration key '{key}' (ignored){hint}")
     return warnings
+
+
+# ---------------------------------------------------------------- worker caps
+
+
+@dataclass(frozen=True)
+class WorkerCaps:
+    """The most workers the server runs: for one model version, and in all."""
+
+    per_model: int
+    total: int
+
+    @property
+    def workers(self) -> Range:
+        """The range of one model's worker counts on this server."""
+        return WORKERS.up_to(self.per_model)
+
+    def expected(self) -> str:
+        return f"{self.workers.expected()}; max_workers_per_model is {self.per_model}"
+
+
+def worker_caps(
+    config: ServerConfig, *, gpu_count: int, cpus: int | None = None, memory: int | None | Literal["detect"] = "detect"
+) -> WorkerCaps:
+    """The caps ``config`` sets, or else the machine's defaults (``default_max_workers``):
+    ``max_workers`` defaults to a few workers per CPU and GPU, no more than memory holds, and
+    ``max_workers_per_model`` to ``max_workers``, which it never exceeds. ``cpus`` and ``memory``
+    are detected unless given (``memory`` None: it cannot be judged)."""
+    total = config.max_workers
+    if total is None:
+        cpus = machine_cpus() if cpus is None else cpus
+        total = default_max_workers(
+            cpus, gpu_count, machine_memory() if memory == "detect" else memory, WORKER_CAP.high
+        )
+    return WorkerCaps(per_model=min(config.max_workers_per_model or total, total), total=total)
+
+
+def usable_gpus(config: ServerConfig, env: Mapping[str, str]) -> int:
+    """The GPUs the server will use: those detected, at most ``number_of_gpu``."""
+    gpus = detect_gpu_count(env)
+    return gpus if config.number_of_gpu is None else min(gpus, config.number_of_gpu)
+
+
+def _check_default_workers(config: ServerConfig, env: Mapping[str, str]) -> None:
+    # Only now are the caps known: they may come from the machine.
+    if config.default_workers_per_model == 0:
+        return
+    caps = worker_caps(config, gpu_count=usable_gpus(config, env))
+    if config.default_workers_per_model not in caps.workers:
+        raise ConfigError(_invalid("default_workers_per_model", config.default_workers_per_model, caps.expected()))
 
 
 # ---------------------------------------------------------------- loading
@@ -500,7 +655,9 @@ def load_config(
     # A bad value counts as false here; ServerConfig then reports it with the others.
     if _java_bool(values.get("enable_envvars_config")) is True:
         values.update(_from_env(values, env))
-    return ServerConfig.from_properties(values)
+    config = ServerConfig.from_properties(values)
+    _check_default_workers(config, env)
+    return config
 
 
 def resolve_config_path(cli_path: Path | None, env: Mapping[str, str], cwd: Path) -> Path | None:
@@ -522,30 +679,34 @@ def resolve_config_path(cli_path: Path | None, env: Mapping[str, str], cwd: Path
 DEFAULT_MAX_RETRY_TIMEOUT_SEC = 300
 DEFAULT_CLIENT_TIMEOUT_MS = 0  # 0: requests never expire in the queue
 
-YamlNonNegInt = Annotated[int, Field(ge=0)] | None
-YamlPosInt = Annotated[int, Field(ge=1)] | None
-
 
 class ModelYamlConfig(BaseModel):
-    """The model YAML keys the frontend reads (TorchServe's ``ModelConfig``); None = not set."""
+    """The model YAML keys the frontend reads (TorchServe's ``ModelConfig``); None = not set.
+
+    ``models=`` entries in config.properties are checked against it too. The ranges are the register
+    API's (see the ranges above), but where TorchServe reads 0 as "not set", 0 is accepted.
+    """
 
     # Strict: YAML values are typed already, so "4" or 4.0 for an integer is a mistake.
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
-    minWorkers: YamlNonNegInt = None
-    maxWorkers: YamlNonNegInt = None
-    batchSize: YamlNonNegInt = None  # 0: unset
-    maxBatchDelay: YamlNonNegInt = None  # ms; 0: unset
-    responseTimeout: YamlPosInt = None  # s; TorchServe's default once a YAML exists: 120
-    startupTimeout: YamlPosInt = None  # s; likewise 120
+    # minWorkers 0 reads as 1, and both bounds count only together and consistent (settings.py);
+    # the server's max_workers_per_model lowers the top when the model is registered.
+    minWorkers: Annotated[int, _within(WORKERS)] | None = None
+    maxWorkers: Annotated[int, _within(WORKERS)] | None = None
+    batchSize: Annotated[int, _within(BATCH_SIZE, zero="not set")] | None = None
+    maxBatchDelay: Annotated[int, _within(MAX_BATCH_DELAY)] | None = None  # ms; 0: not set
+    # s; TorchServe's default once a YAML exists: 120 (both)
+    responseTimeout: Annotated[int, _within(RESPONSE_TIMEOUT)] | None = None
+    startupTimeout: Annotated[int, _within(STARTUP_TIMEOUT)] | None = None
     deviceType: Annotated[Literal["cpu", "gpu"] | None, _folded(str.lower)] = None
-    deviceIds: list[Annotated[int, Field(ge=0)]] | None = None
-    jobQueueSize: YamlPosInt = None
-    maxRetryTimeoutInSec: YamlNonNegInt = None  # default DEFAULT_MAX_RETRY_TIMEOUT_SEC
-    clientTimeoutInMills: YamlNonNegInt = None  # default DEFAULT_CLIENT_TIMEOUT_MS
+    deviceIds: list[Annotated[int, _within(DEVICE_ID)]] | None = None
+    jobQueueSize: Annotated[int, _within(JOB_QUEUE_SIZE)] | None = None
+    maxRetryTimeoutInSec: Annotated[int, _within(RETRY_TIMEOUT)] | None = None  # default DEFAULT_MAX_RETRY_TIMEOUT_SEC
+    clientTimeoutInMills: Annotated[int, _within(CLIENT_TIMEOUT_MS)] | None = None  # default DEFAULT_CLIENT_TIMEOUT_MS
     useJobTicket: bool | None = None
     parallelType: Annotated[Literal["pp", "tp", "pptp", "custom"] | None, _folded(str.lower)] = None
-    parallelLevel: YamlNonNegInt = None
+    parallelLevel: Annotated[int, _within(PARALLEL_LEVEL)] | None = None
 
 
 def parse_model_yaml(text: str) -> tuple[ModelYamlConfig, dict[Any, Any]]:

@@ -4,6 +4,7 @@ set-default, and token rotation."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, UTC
 from typing import Any
 
@@ -198,13 +199,18 @@ def _params(request: Request) -> dict[str, str]:
 
 
 def _int(params: dict[str, str], key: str) -> int | None:
+    """An integer parameter, None if not given. Its range is checked where the setting is used
+    (server/models/settings.py), the same for every way a setting arrives."""
     value = params.get(key)
     if value is None or value == "":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"Invalid value for {key}: {value!r} (expected an integer)") from None
+    # ASCII digits only: int() would also take "1_000" and other scripts' digits.
+    if not _INTEGER.fullmatch(value):
+        raise BadRequest(f"Invalid value for {key}: {value!r} (expected an integer)")
+    return int(value)
+
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]{1,1000}\s*")
 
 
 def _bool(params: dict[str, str], key: str, default: bool) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from archiver import ArchiveError, check_model_name
 
-from ..config import ServerConfig
+from ..config import ServerConfig, WorkerCaps, worker_caps
 from ..errors import (
     BadRequest,
     Conflict,
@@ -18,13 +18,22 @@ from ..errors import (
     ModelNotFound,
     ModelVersionNotFound,
     RequestTimeout,
+    ServerError,
+    ServiceUnavailable,
     WorkerError,
 )
 from ..workers.messages import Load
 from ..workers.placement import Placement
 from ..workers.supervisor import first_failure
 from . import sources
-from .settings import RegisterRequest, resolve_settings
+from .settings import (
+    RegisterRequest,
+    check_register_request,
+    check_worker_bounds,
+    check_workers,
+    resolve_settings,
+    workers_source,
+)
 from .status import VersionStatus
 from .version import ModelVersion, Observer
 
@@ -57,17 +66,23 @@ class ModelRegistry:
         workdir: Path | None = None,
         observer: Observer | None = None,
         on_change: Callable[[ModelRegistry], Awaitable[None]] | None = None,
+        caps: WorkerCaps | None = None,
+        placement: Placement | None = None,
     ) -> None:
         """``on_change`` is awaited after every change of which versions exist, their workers or
-        default: the snapshot writer."""
+        default: the snapshot writer. ``caps`` (default: what ``config`` and this machine allow)
+        bound the workers; ``placement`` (default: one for ``gpu_count`` GPUs) places and paces
+        their starts."""
         self.config = config
         self.environ = dict(environ)
         self.gpu_count = gpu_count
         self.workdir = workdir
         self.observer = observer or Observer()
         self.on_change = on_change
+        self.caps = caps or worker_caps(config, gpu_count=gpu_count)
         self._models: dict[str, _Model] = {}
-        self._placement = Placement(gpu_count)
+        self._placement = placement or Placement(gpu_count)
+        self._stopping = False
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -121,8 +136,26 @@ class ModelRegistry:
         return sources.resolve_url(self.config, url)
 
     async def _changed(self) -> None:
-        if self.on_change is not None:
+        # Once the server stops, the snapshot keeps the state it had: the final save is serve()'s.
+        if self.on_change is not None and not self._stopping:
             await self.on_change(self)
+
+    def workers_in_use(self) -> int:
+        """Workers of every model version, serving or starting: what ``max_workers`` caps."""
+        return sum(model.supervisor.live for model in self.all_models())
+
+    def _check_total(self, name: str, value: int, adding: int) -> None:
+        # No await between this check and the start of the workers it admits.
+        in_use, total = self.workers_in_use(), self.caps.total
+        if in_use + adding > total:
+            raise BadRequest(
+                f"Invalid value for {name}: {value} (the server runs {in_use} workers and max_workers is "
+                f"{total}: {max(0, total - in_use)} more fit)"
+            )
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise ServiceUnavailable("The server is stopping")
 
     # -- register ------------------------------------------------------------------------------
 
@@ -133,6 +166,11 @@ class ModelRegistry:
             raise BadRequest(f"Invalid RuntimeType value: {request.runtime}")
         if request.model_name is not None:
             check_name(request.model_name)
+        check_register_request(request, self.caps)
+        self._check_running()
+        if request.initial_workers:
+            # Early, before the archive is opened; _add checks again as it starts them.
+            self._check_total("initial_workers", request.initial_workers, request.initial_workers)
         source = await sources.open_source(
             self.config, request.url or "", path, workdir=self.workdir, default_name=request.model_name
         )
@@ -141,21 +179,22 @@ class ModelRegistry:
             env = sources.model_environment(
                 self.environ, self.config.blacklist_env_vars, archive.model_dir, source.python_path
             )
-            model = self._build(request, source, env, loaded_at_startup)
+            model, workers_from = self._build(request, source, env, loaded_at_startup)
             await sources.install_dependencies(source, model.name, env)
         except BaseException:
             archive.cleanup()
             source.remove_download()
             raise
         try:
-            return await self._add(model, request)
+            return await self._add(model, request, workers_from)
         except BaseException:
             source.remove_download()  # a failed registration leaves no downloaded file behind
             raise
 
     def _build(
         self, request: RegisterRequest, source: sources.Source, env: dict[str, str], loaded_at_startup: bool
-    ) -> ModelVersion:
+    ) -> tuple[ModelVersion, str]:
+        """The model version to add, and the setting its worker count comes from."""
         archive = source.archive
         manifest = archive.manifest
         name = request.model_name or manifest.model.model_name
@@ -167,6 +206,7 @@ class ModelRegistry:
         settings = resolve_settings(
             request, yaml, self.config, name=name, version=manifest.version, gpu_count=self.gpu_count
         )
+        check_worker_bounds(settings, request, yaml, self.caps)
         load = Load(
             model_name=name,
             model_dir=str(archive.model_dir),
@@ -180,17 +220,23 @@ class ModelRegistry:
             max_response_size=self.config.max_response_size,
             server_version=SERVER_VERSION,
         )
-        return ModelVersion(
+        model = ModelVersion(
             name, manifest.version, request.url or "", archive, handler, settings, load, env, self._placement,
             self.observer, loaded_at_startup,
         )  # fmt: skip
+        return model, workers_source(request, yaml)
 
-    async def _add(self, model: ModelVersion, request: RegisterRequest) -> tuple[int, str]:
+    async def _add(self, model: ModelVersion, request: RegisterRequest, workers_from: str) -> tuple[int, str]:
         name, version, workers = model.name, model.version, model.settings.min_workers
         entry = self._models.get(name)
-        if entry is not None and version in entry.versions:
+        try:
+            self._check_running()
+            if entry is not None and version in entry.versions:
+                raise Conflict(f"Model version {version} is already registered for model {name}")
+            self._check_total(workers_from, workers, workers)
+        except ServerError:
             model.archive.cleanup()
-            raise Conflict(f"Model version {version} is already registered for model {name}")
+            raise
         if entry is None:
             entry = self._models[name] = _Model({}, version)
         entry.versions[version] = _Registered(model, request)
@@ -222,7 +268,13 @@ class ModelRegistry:
             raise BadRequest("max_worker cannot be less than min_worker.")
         if min_worker < 0:
             raise BadRequest("min_worker cannot be negative.")
+        check_workers("min_worker", min_worker, self.caps)
+        check_workers("max_worker", max_worker, self.caps)
         model = self.get(name, version)
+        self._check_running()
+        live = model.supervisor.live
+        if min_worker > live:
+            self._check_total("min_worker", min_worker, min_worker - live)
         registered = self._models[name].versions[model.version]
         registered.request = replace(registered.request, initial_workers=min_worker)
         added = await model.scale(min_worker, max_worker, synchronous)
@@ -282,7 +334,17 @@ class ModelRegistry:
         await self._changed()
         return f'Default version successfully updated for model "{name}" to "{version}"'
 
+    async def begin_shutdown(self) -> None:
+        """The server is stopping: no worker starts from now on. Starts waiting for their turn or
+        loading are cancelled and their processes killed, so a synchronous register or scale
+        waiting on them is answered (503) at once; workers that serve stay, to finish their queues.
+        Registering and scaling are refused (503), and ``on_change`` is no longer called."""
+        self._stopping = True
+        stopping = ServiceUnavailable("The server is stopping")
+        await asyncio.gather(*(m.supervisor.stop_starting(stopping) for m in self.all_models()))
+
     async def shutdown(self, drain_timeout: float) -> None:
+        await self.begin_shutdown()
         models = self.all_models()
         await asyncio.gather(*(m.drain(drain_timeout) for m in models))
         await asyncio.gather(*(m.stop() for m in models))

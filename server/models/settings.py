@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ModelYamlConfig, ServerConfig
+from ..config import (
+    BATCH_SIZE,
+    MAX_BATCH_DELAY,
+    RESPONSE_TIMEOUT,
+    STARTUP_TIMEOUT,
+    ModelYamlConfig,
+    Range,
+    ServerConfig,
+    WorkerCaps,
+)
+from ..errors import BadRequest
 
 
 @dataclass
@@ -51,13 +61,11 @@ def resolve_settings(
                 return int(value)
         return default
 
-    # TorchServe reads a YAML minWorkers below 1 as 1, and uses the YAML bounds only when they
-    # are consistent; otherwise both fall back, so min never exceeds max.
-    yaml_min = None if yaml.minWorkers is None else max(1, yaml.minWorkers)
+    yaml_bounds = _yaml_worker_bounds(yaml)
     if request.initial_workers is not None:
         min_workers = max_workers = max(0, request.initial_workers)
-    elif yaml_min is not None and yaml.maxWorkers is not None and yaml.maxWorkers >= yaml_min:
-        min_workers, max_workers = yaml_min, yaml.maxWorkers
+    elif yaml_bounds is not None:
+        min_workers, max_workers = yaml_bounds
     else:
         min_workers = max_workers = config.default_workers_per_model or 1
     return ModelSettings(
@@ -82,3 +90,63 @@ def _batch_delay(api: int | None, yaml_value: int | None, json_value: Any) -> in
         if isinstance(value, int) and value > 0:
             return value
     return 100
+
+
+def workers_source(request: RegisterRequest, yaml: ModelYamlConfig) -> str:
+    """The setting a registration's worker count comes from, as messages name it."""
+    if request.initial_workers is not None:
+        return "initial_workers"
+    if _yaml_worker_bounds(yaml) is not None:
+        return "minWorkers in model YAML"
+    return "default_workers_per_model"
+
+
+def _yaml_worker_bounds(yaml: ModelYamlConfig) -> tuple[int, int] | None:
+    # TorchServe reads a YAML minWorkers below 1 as 1, and uses the YAML bounds only when they
+    # are consistent; otherwise both fall back, so min never exceeds max.
+    if yaml.minWorkers is None or yaml.maxWorkers is None or yaml.maxWorkers < max(1, yaml.minWorkers):
+        return None
+    return max(1, yaml.minWorkers), yaml.maxWorkers
+
+
+# ---------------------------------------------------------------- ranges
+# The register and scale calls' parameters are checked here, whichever way they came (the API's
+# query string or JSON body, a snapshot being restored, a startup model); the model YAML and the
+# models= JSON are checked as they are read (server/config.py), against the same ranges.
+
+
+def out_of_range(name: str, value: int, expected: str) -> BadRequest:
+    return BadRequest(f"Invalid value for {name}: {value} ({expected})")
+
+
+def check_range(name: str, value: int | None, limits: Range) -> None:
+    """BadRequest naming ``name`` and ``limits`` unless ``value`` is None (not given) or in them."""
+    if value is not None and value not in limits:
+        raise out_of_range(name, value, limits.expected())
+
+
+def check_workers(name: str, value: int | None, caps: WorkerCaps) -> None:
+    """BadRequest unless ``value`` is None or a worker count one model may have on this server."""
+    if value is not None and value not in caps.workers:
+        raise out_of_range(name, value, caps.expected())
+
+
+def check_register_request(request: RegisterRequest, caps: WorkerCaps) -> None:
+    """BadRequest for the first register parameter outside its range."""
+    check_range("batch_size", request.batch_size, BATCH_SIZE)
+    check_range("max_batch_delay", request.max_batch_delay, MAX_BATCH_DELAY)  # 0: do not wait
+    check_range("response_timeout", request.response_timeout, RESPONSE_TIMEOUT)
+    check_range("startup_timeout", request.startup_timeout, STARTUP_TIMEOUT)
+    check_workers("initial_workers", request.initial_workers, caps)  # 0: registered without workers
+
+
+def check_worker_bounds(settings: ModelSettings, request: RegisterRequest, yaml: ModelYamlConfig, caps: WorkerCaps) -> None:
+    """BadRequest if the resolved worker bounds exceed ``caps``, naming the setting they came from
+    (``initial_workers`` is checked with the request)."""
+    if request.initial_workers is not None or settings.max_workers in caps.workers:
+        return
+    if _yaml_worker_bounds(yaml) is not None:
+        assert yaml.minWorkers is not None and yaml.maxWorkers is not None
+        check_workers("minWorkers in model YAML", yaml.minWorkers, caps)
+        check_workers("maxWorkers in model YAML", yaml.maxWorkers, caps)
+    check_workers("default_workers_per_model", settings.max_workers, caps)

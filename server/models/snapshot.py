@@ -42,6 +42,7 @@ from archiver import one_line
 from ..config import ServerConfig
 from ..errors import ServerError
 from .registry import ModelRegistry, RegisterRequest
+from .settings import check_workers
 
 log = logging.getLogger("marserve.snapshot")
 
@@ -340,6 +341,10 @@ async def restore(registry: ModelRegistry, state: SavedState) -> None:
     restored: list[str] = []
     for saved in state.models:
         try:
+            if saved.workers is not None and saved.workers.max != saved.workers.min:
+                # Checked before registering: a maximum over today's cap, refused by the scale
+                # after it, would leave the model half restored.
+                check_workers("max_worker", saved.workers.max, registry.caps)
             await registry.register(saved.request(), loaded_at_startup=saved.loaded_at_startup)
             if saved.version not in [m.version for m in registry.versions(saved.name)]:
                 # The archive was replaced: serve what it holds now, as a start without a snapshot would.

@@ -1,13 +1,24 @@
 """Where workers run: the GPUs counted without importing torch (the frontend must stay light),
-which GPU and id each new worker gets, and how many threads it may use."""
+which GPU and id each new worker gets, how many threads it may use, how many workers the machine
+takes (the default worker caps) and how many may start at once."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
+import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+#: What one worker is taken to need when the default caps are derived from memory: a torch worker's
+#: resident set is about 150-300 MB before its model's weights.
+WORKER_MEMORY = 256 << 20
+#: Workers per CPU core, and per GPU, in the default caps.
+WORKERS_PER_CPU = 4
+WORKERS_PER_GPU = 4
 
 
 def detect_gpu_count(environ: Mapping[str, str]) -> int:
@@ -35,11 +46,64 @@ def detect_gpu_count(environ: Mapping[str, str]) -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-class Placement:
-    """Hands out worker ids and GPUs across all of one server's models."""
+def machine_cpus() -> int:
+    """The CPUs this process may use: its affinity, lowered by a cgroup v2 CPU quota if there is one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
-    def __init__(self, gpu_count: int) -> None:
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, lowered by a cgroup limit (v2 or v1);
+    None if it cannot be judged."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                limits.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))  # v1 says "no limit" with a huge number, which min() ignores
+    return min(limits) if limits else None
+
+
+def default_max_workers(cpus: int, gpus: int, memory: int | None, ceiling: int) -> int:
+    """The default cap on the server's workers: a few per CPU and per GPU, no more than fit in
+    memory at ``WORKER_MEMORY`` each, at least 1 and at most ``ceiling``."""
+    workers = WORKERS_PER_CPU * cpus + WORKERS_PER_GPU * gpus
+    if memory is not None:
+        workers = min(workers, memory // WORKER_MEMORY)
+    return max(1, min(workers, ceiling))
+
+
+def start_limit(cpus: int) -> int:
+    """How many workers may start (spawn and load their model) at once, server-wide: imports and
+    model loads are CPU-heavy, and a storm of them would starve the frontend."""
+    return max(2, min(8, cpus // 2))
+
+
+class Placement:
+    """Hands out worker ids and GPUs across all of one server's models, and the turns to start."""
+
+    def __init__(self, gpu_count: int, max_starting: int | None = None) -> None:
         self.gpu_count = gpu_count
+        #: Held by a worker while it starts; ``max_starting`` (default: ``start_limit``) at once.
+        self.starting = asyncio.Semaphore(max_starting or start_limit(machine_cpus()))
         self._worker_ids = itertools.count(9000)
         # One round-robin over all GPUs for every model, and one per model over its deviceIds.
         self._any_gpu = itertools.count()

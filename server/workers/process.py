@@ -3,6 +3,10 @@
 The frontend talks to each worker over a private socket pair with plain request/reply
 frames (``frames``, carrying ``messages``), through ``WorkerChannel``: there is no thread per
 call and no correlation map, because a worker has at most one batch in flight.
+
+The process is spawned in a thread (``subprocess.Popen``, which uses vfork), not on the event
+loop: a fork on the loop stops it for tens of milliseconds per worker, and a burst of starts would
+stall every port. Its exit is watched through a pidfd on the loop, with no thread per worker.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -83,8 +88,9 @@ class WorkerProcess:
         self.load = load
         self.env = env
         self.threads = threads
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.started_at = time.time()
+        self._exited: asyncio.Future[int] | None = None
         self._channel: WorkerChannel | None = None
         self._log_task: asyncio.Task[None] | None = None
 
@@ -94,6 +100,7 @@ class WorkerProcess:
 
     async def start(self, timeout: float) -> None:
         """Spawn the process and load the model; raises WorkerError on any failure."""
+        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         env = dict(self.env)
         # Set before torch is imported, so N workers share the cores instead of each taking all.
@@ -107,21 +114,27 @@ class WorkerProcess:
         # that burns a core the frontend and the other workers need (for a small model, half the
         # worker's CPU). Asleep, they cost a wake-up per region instead. A user's setting stands.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        spawn = loop.run_in_executor(None, self._spawn, env, theirs)
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.workers.child", "--fd", str(theirs.fileno()), "--parent", str(os.getpid()),
-                pass_fds=[theirs.fileno()],
-                cwd=self.load.model_dir,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        finally:
-            theirs.close()
-        self._log_task = asyncio.create_task(self._forward_output())
-        _, self._channel = await asyncio.get_running_loop().create_unix_connection(WorkerChannel, sock=ours)
+            # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
+            self.process = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            ours.close()
+            spawn.add_done_callback(_kill_spawned)
+            raise
+        except OSError as exc:
+            ours.close()
+            raise WorkerError(f"cannot start the worker process: {exc}") from None
+        self.started_at = time.time()
+        self._exited = _watch_exit(self.process, loop)
+        assert self.process.stdout is not None
+        self._log_task = asyncio.create_task(self._forward_output(self.process.stdout))
+        try:
+            _, self._channel = await loop.create_unix_connection(WorkerChannel, sock=ours)
+        except OSError as exc:
+            ours.close()
+            self.kill()
+            raise WorkerError(f"cannot connect to the worker process: {exc}") from None
         try:
             kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, self.load)), timeout)
         except TimeoutError:
@@ -134,6 +147,23 @@ class WorkerProcess:
         if loaded.code != 200:
             self.kill()
             raise WorkerError(loaded.message, loaded.code)
+
+    def _spawn(self, env: dict[str, str], theirs: socket.socket) -> subprocess.Popen[bytes]:
+        # In a thread of the default executor. The worker's end of the socket is closed here, once
+        # the child has it, whatever happens to the start meanwhile.
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "server.workers.child", "--fd", str(theirs.fileno()), "--parent", str(os.getpid())],
+                pass_fds=[theirs.fileno()],
+                cwd=self.load.model_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
 
     async def predict(self, batch: list[Job]) -> tuple[list[Reply], Result]:
         """Run one batch: its replies, and the worker's Result (timings, the handler's metrics).
@@ -178,11 +208,9 @@ class WorkerProcess:
             self._channel.close()
         if self.process is None:
             return
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        if await self.wait_exit(timeout) is None:
             self.kill()
-            await self.process.wait()
+            await self.wait()
         if self._log_task is not None:
             await asyncio.gather(self._log_task, return_exceptions=True)
 
@@ -192,23 +220,87 @@ class WorkerProcess:
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit status once the process has ended, or None if it still runs after ``timeout`` s."""
-        if self.process is None:
+        if self._exited is None:
             return None
         try:
-            return await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+            return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except TimeoutError:
             return None
 
     async def wait(self) -> int:
-        assert self.process is not None
-        code = await self.process.wait()
+        assert self._exited is not None
+        code = await asyncio.shield(self._exited)
         if self._log_task is not None:
             await asyncio.gather(self._log_task, return_exceptions=True)
         return code
 
-    async def _forward_output(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
+    async def _forward_output(self, pipe: Any) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         model_log = logging.getLogger(f"marserve.model.{self.load.model_name}")
-        while line := await self.process.stdout.readline():
-            model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # a line over the reader's limit: dropped, and reading goes on
+                    model_log.info("[%s] (an overlong line of output was dropped)", self.worker_id)
+                    continue
+                if not line:
+                    break
+                model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
+        finally:
+            transport.close()
 
+
+# Exit watchers that poll (no pidfd), kept from being collected while they run.
+_pollers: set[asyncio.Task[None]] = set()
+
+
+def _watch_exit(process: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> asyncio.Future[int]:
+    """A future of the exit status of ``process``, which it reaps. A pidfd on the loop tells when
+    it has exited; without pidfds (Linux before 5.3), it is polled."""
+    exited: asyncio.Future[int] = loop.create_future()
+
+    def reaped() -> bool:
+        code = process.poll()
+        if code is None:
+            return False
+        if not exited.done():
+            exited.set_result(code)
+        return True
+
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        task = loop.create_task(_poll_exit(reaped))
+        _pollers.add(task)
+        task.add_done_callback(_pollers.discard)
+        return exited
+
+    def readable() -> None:
+        if reaped():
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    loop.add_reader(fd, readable)
+    return exited
+
+
+async def _poll_exit(reaped: Any) -> None:
+    while not reaped():
+        await asyncio.sleep(0.1)
+
+
+def _kill_spawned(spawn: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """A process whose start was cancelled while it was spawned: killed, and reaped."""
+    if spawn.cancelled() or spawn.exception() is not None:
+        return
+    process = spawn.result()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _watch_exit(process, asyncio.get_running_loop())
+    if process.stdout is not None:
+        process.stdout.close()

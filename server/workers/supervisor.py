@@ -6,6 +6,10 @@ Each worker has a slot, which outlives the processes that fill it across restart
     STARTING ──loaded──> READY ──died──> RESTARTING ──(backoff)──> STARTING
         └──load failed──> FAILED ──(backoff)──> STARTING
     any state ──stopped──> STOPPED
+
+A STARTING slot first waits for its turn: at most ``Placement.starting`` workers of the whole
+server spawn and load at once, so that a storm of starts cannot starve the frontend. Its process
+is spawned only once its turn has come, and a stop cancels it whether it waits or loads.
 """
 
 from __future__ import annotations
@@ -114,11 +118,19 @@ class Supervisor:
         self._collect_lock = asyncio.Lock()
         # The event loop keeps only weak references to tasks: an unreferenced one can vanish mid-run.
         self._background: set[asyncio.Task[None]] = set()
+        # Set by stop_starting: no worker starts or restarts any more.
+        self._no_starts = False
 
     @property
     def serving(self) -> bool:
         """Whether any worker is meant to serve the queue (it may be restarting meanwhile)."""
         return any(not slot.stopping for slot in self.slots)
+
+    @property
+    def live(self) -> int:
+        """The workers this version has or is starting, less those being stopped: what counts
+        against the server's worker caps."""
+        return sum(1 for slot in self.slots if not slot.stopping)
 
     def add(self, count: int) -> list[WorkerSlot]:
         """Start ``count`` more workers; each slot's ``first_load`` tells how its first load went."""
@@ -141,7 +153,10 @@ class Supervisor:
         if len(live) < min_workers:
             return self.add(min_workers - len(live))
         if len(live) > max_workers:
-            removal = self.remove(live[max_workers:])
+            doomed = live[max_workers:]
+            for slot in doomed:
+                slot.stopping = True  # no longer counted as live, even before the removal runs
+            removal = self.remove(doomed)
             if synchronous:
                 await removal
             else:
@@ -184,7 +199,22 @@ class Supervisor:
 
     async def stop(self, orphaned: ServerError) -> None:
         """Stop every worker; jobs still queued fail with ``orphaned``."""
+        self._no_starts = True
         await self.remove(list(self.slots), orphaned)
+
+    async def stop_starting(self, orphaned: ServerError) -> None:
+        """The server is stopping: no worker starts or restarts from now on. Workers waiting for
+        their turn to start or loading are cancelled (their processes killed); those that serve
+        stay, to finish the queue. Jobs queued for a version left without workers fail with
+        ``orphaned``."""
+        self._no_starts = True
+        pending = [slot for slot in self.slots if slot.status != WorkerState.READY]
+        for slot in pending:
+            # Whoever waits for their first load (a synchronous register or scale) learns why.
+            if not slot.first_load.done():
+                slot.first_load.set_result(WorkerError("the server is stopping", 503))
+        if pending:
+            await self.remove(pending, orphaned)
 
     # -- one slot --------------------------------------------------------------------------------
 
@@ -196,14 +226,18 @@ class Supervisor:
 
     async def _keep_alive(self, slot: WorkerSlot) -> None:
         failures = 0
-        while not slot.stopping:
-            threads = worker_threads(os.cpu_count() or 1, self.settings.max_workers, len(self.slots))
-            process = self._spawn(slot.id, replace(self._load, gpu_id=slot.gpu_id), self._env, threads)
-            slot.process = process
+        while not slot.stopping and not self._no_starts:
             slot.status = WorkerState.STARTING
-            started = time.perf_counter()
             try:
-                await process.start(self.settings.startup_timeout)
+                # Cancelled while it waits, it has spawned nothing.
+                async with self._placement.starting:
+                    if slot.stopping or self._no_starts:
+                        break
+                    threads = worker_threads(os.cpu_count() or 1, self.settings.max_workers, len(self.slots))
+                    process = self._spawn(slot.id, replace(self._load, gpu_id=slot.gpu_id), self._env, threads)
+                    slot.process = process
+                    started = time.perf_counter()
+                    await self._start(process)
             except WorkerError as exc:
                 log.error("worker %s of %s:%s failed to load: %s", slot.id, self.name, self.version, exc.message)
                 slot.status = WorkerState.FAILED
@@ -212,10 +246,6 @@ class Supervisor:
                 failures += 1
                 await asyncio.sleep(backoff(failures))
                 continue
-            except asyncio.CancelledError:
-                process.kill()
-                await asyncio.shield(process.wait_exit(5))
-                raise
             slot.load_time_ms = (time.perf_counter() - started) * 1000
             slot.status = WorkerState.READY
             failures = 0
@@ -234,6 +264,14 @@ class Supervisor:
             await process.wait_exit(10)
             failures += 1
             await asyncio.sleep(backoff(failures))
+
+    async def _start(self, process: WorkerProcess) -> None:
+        try:
+            await process.start(self.settings.startup_timeout)
+        except asyncio.CancelledError:
+            process.kill()
+            await asyncio.shield(process.wait_exit(5))
+            raise
 
     async def _run_until_exit(self, slot: WorkerSlot, process: WorkerProcess) -> None:
         slot.serve_task = asyncio.create_task(self._serve(slot, process))
@@ -309,6 +347,7 @@ def _stopped(slot: WorkerSlot) -> None:
     if not slot.first_load.done():
         slot.first_load.set_result(WorkerError("the worker was stopped before it loaded the model"))
     slot.status = WorkerState.STOPPED
+    slot.stopping = True  # a slot nobody supervises serves nothing (the server stopped its restarts)
 
 
 def _death_error(process: WorkerProcess, timed_out: bool) -> WorkerDied:

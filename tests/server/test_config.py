@@ -211,6 +211,14 @@ DEV_DEFAULTS = {
     "models": {},
     "disable_token_authorization": None,  # unset: decided by the addresses
     "max_download_size": 10 << 30,
+    "max_workers": None,  # unset: derived from the machine when the server starts
+    "max_workers_per_model": None,  # unset: max_workers
+    # The HTTP layer's keys (server/http).
+    "request_head_timeout": 10,
+    "min_request_body_rate": 16384,
+    "max_connections": 4096,
+    "log_max_bytes": 100 << 20,
+    "log_backup_count": 5,
 }
 
 
@@ -447,7 +455,7 @@ def test_every_bad_model_yaml_value_is_reported() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_model_yaml("minWorkers: -1\nbatchSize: '4'\ndeviceIds: [0, a]\n")
     assert str(exc.value) == (
-        "invalid value for minWorkers in model YAML: -1 (expected an integer >= 0); "
+        "invalid value for minWorkers in model YAML: -1 (expected an integer from 0 to 4096); "
         "invalid value for batchSize in model YAML: '4' (expected an integer); "
         "invalid value for deviceIds.1 in model YAML: 'a' (expected an integer)"
     )

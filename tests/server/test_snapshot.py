@@ -328,6 +328,18 @@ def test_a_corrupt_snapshot_is_ignored_with_ncs(tmp_path: Path, running: list[Se
     assert path.read_text() == "{not json"
 
 
+def test_a_saved_model_over_todays_worker_cap_is_left_out_whole(first: Server, running: list[Server]) -> None:
+    make_mar(first.store, "mnist", "echo_handler.py")
+    snapshot = {"models": {"mnist": {"1.0": {"marName": "mnist.mar", "minWorkers": 0, "maxWorkers": 50}}}}
+    second = restart(first, config=f"max_workers=4\nmodel_snapshot={json.dumps(snapshot)}\n")
+    running.append(second)
+    # Not registered with its minimum and then refused its maximum: not registered at all.
+    assert second.http.get(f"{second.management}/models/mnist").status_code == 404
+    log = log_since_start(second)
+    assert "could not restore model mnist 1.0 from model_snapshot in config.properties" in log
+    assert "Invalid value for max_worker: 50" in log
+
+
 def test_a_bad_model_snapshot_stops_the_start(tmp_path: Path) -> None:
     srv = Server(tmp_path, config='model_snapshot={"models": {"m": {"1.0": {"minWorkers": 1}}}}\n')
     result = subprocess.run(

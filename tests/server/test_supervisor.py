@@ -47,6 +47,13 @@ class FakeProcess:
         if isinstance(outcome, WorkerError):
             raise outcome
         self.pid = next(self.pids)
+        if self.script.gate is not None:  # a load that lasts until the test opens the gate
+            self.script.loading += 1
+            self.script.most_loading = max(self.script.most_loading, self.script.loading)
+            try:
+                await self.script.gate.wait()
+            finally:
+                self.script.loading -= 1
 
     async def predict(self, batch: list[Job]) -> tuple[list[Reply], Result]:
         self.script.batches.append([job.request_id for job in batch])
@@ -86,6 +93,9 @@ class Script:
         self.batches: list[list[str]] = []
         self.reports: list[tuple[int, Result | None]] = []
         self.loaded: list[str] = []
+        self.gate: asyncio.Event | None = None  # set: loads wait for it
+        self.loading = 0  # loads under way now, and the most at once
+        self.most_loading = 0
 
     def spawn(self, worker_id: str, load: Load, env: Mapping[str, str], threads: int) -> Any:
         process = FakeProcess(self, worker_id, load, env, threads)
@@ -307,3 +317,106 @@ def test_worker_threads_share_the_cores() -> None:
     assert worker_threads(8, 1, 4) == 2  # the slots that exist count too
     assert worker_threads(8, 0, 0) == 8
     assert worker_threads(2, 4, 4) == 1
+
+
+# -- starting: turns, and stops during a storm of starts ---------------------------------------
+
+
+def test_workers_take_turns_to_start_and_spawn_only_when_their_turn_comes() -> None:
+    script = Script()
+
+    async def main() -> None:
+        script.gate = asyncio.Event()
+        workers = script.supervisor(Placement(0, max_starting=2))
+        slots = workers.add(6)
+        await until(lambda: script.loading == 2, "two loads")
+        await asyncio.sleep(0.05)
+        # The other four wait for a turn, with no process yet.
+        assert len(script.processes) == 2 and script.loading == 2
+        assert all(slot.status == WorkerState.STARTING for slot in slots)
+        script.gate.set()
+        assert await supervision.first_failure(slots) is None
+        assert script.most_loading == 2 and len(script.processes) == 6
+        await workers.stop(ServerError("stopped", 503))
+
+    asyncio.run(main())
+
+
+def test_the_turns_are_shared_by_every_model_of_the_server() -> None:
+    script = Script()
+
+    async def main() -> None:
+        script.gate = asyncio.Event()
+        placement = Placement(0, max_starting=3)
+        first, second = script.supervisor(placement), script.supervisor(placement)
+        slots = [*first.add(4), *second.add(4)]
+        await until(lambda: script.loading == 3, "three loads")
+        await asyncio.sleep(0.05)
+        assert len(script.processes) == 3
+        script.gate.set()
+        assert await supervision.first_failure(slots) is None
+        assert script.most_loading == 3
+        await asyncio.gather(first.stop(ServerError("stopped")), second.stop(ServerError("stopped")))
+
+    asyncio.run(main())
+
+
+def test_stop_starting_cancels_waiting_and_loading_starts_and_keeps_serving_workers() -> None:
+    script = Script()
+
+    async def main() -> None:
+        workers = script.supervisor(Placement(0, max_starting=2))
+        (ready,) = workers.add(1)
+        assert await ready.first_load is None
+        script.gate = asyncio.Event()
+        storm = workers.add(10)
+        await until(lambda: script.loading == 2, "two loads")
+        loading = [process for process in script.processes if process.returncode is None][1:]
+        assert workers.live == 11
+        started = time.monotonic()
+        await workers.stop_starting(ServiceUnavailable("The server is stopping"))
+        assert time.monotonic() - started < 1
+        # Both loading processes were killed; the eight waiting for a turn never spawned.
+        assert len(loading) == 2 and all(process.returncode == -signal.SIGKILL for process in loading)
+        assert len(script.processes) == 3
+        outcomes = [slot.first_load.result() for slot in storm]
+        assert all(isinstance(o, WorkerError) and (o.status_code, o.message) == (503, "the server is stopping") for o in outcomes)
+        assert workers.slots == [ready] and workers.live == 1 and ready.status == WorkerState.READY
+        # The serving worker still answers its queue.
+        served = job(b"still here")
+        workers.queue.put(served)
+        assert (await served.future).body == b"still here"
+        await workers.stop(ServerError("stopped", 503))
+
+    asyncio.run(main())
+
+
+def test_after_stop_starting_a_worker_that_dies_is_not_restarted(backoffs: list[int]) -> None:
+    script = Script()
+
+    async def main() -> None:
+        workers = script.supervisor()
+        (slot,) = workers.add(1)
+        assert await slot.first_load is None
+        await workers.stop_starting(ServiceUnavailable("The server is stopping"))
+        script.processes[0].kill()
+        await until(lambda: slot.status == WorkerState.STOPPED, "the slot to stop")
+        await asyncio.sleep(0.05)
+        assert len(script.processes) == 1 and not workers.serving and workers.live == 0
+        await workers.stop(ServerError("stopped", 503))
+
+    asyncio.run(main())
+
+
+def test_a_scale_down_counts_the_leaving_workers_out_at_once() -> None:
+    script = Script()
+
+    async def main() -> None:
+        workers = script.supervisor()
+        assert await supervision.first_failure(workers.add(4)) is None
+        await workers.scale(1, 1, synchronous=False)
+        assert workers.live == 1  # before the removal has run
+        await until(lambda: len(workers.slots) == 1, "the removal")
+        await workers.stop(ServerError("stopped", 503))
+
+    asyncio.run(main())
