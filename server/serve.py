@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,10 +23,15 @@ from .metrics.system import SystemMetrics
 from .models.registry import ModelRegistry, RegisterRequest
 from .models.status import WorkerState
 from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
+from .models.workdirs import make_workdir
 from .models.version import Observer
 from .workers.placement import detect_gpu_count
 
 log = logging.getLogger("marserve")
+
+
+class StartupError(Exception):
+    """The server cannot start (a port taken, a certificate unusable); the message is one line."""
 
 # How long in-flight requests get to finish once a stop is asked for.
 GRACEFUL_SHUTDOWN_SECONDS = 30
@@ -38,6 +43,12 @@ def _listeners(
     """One listener per address; the inference and management APIs share one when their
     addresses are the same, as in TorchServe."""
 
+    count = 3 if config.enable_metrics_api else 2
+    if config.management_address == config.inference_address:
+        count -= 1
+    # Each worker holds three of the frontend's files (its socket, its output pipe, a pidfd).
+    max_connections = connection_cap(config.max_connections, count, reserved=3 * registry.caps.total + 256)
+
     def listener(api: str, router: Router) -> Listener:
         address = getattr(config, f"{api}_address")
         tls = None
@@ -45,7 +56,11 @@ def _listeners(
             # ServerConfig made sure both files are set for an https address.
             assert config.certificate_file is not None and config.private_key_file is not None
             tls = tls_context(config.certificate_file, config.private_key_file)
-        return Listener(api, address, Door(router, policy, config.request_read_timeout), tls)
+        door = Door(
+            router, policy, config.request_read_timeout, config.request_head_timeout, config.min_request_body_rate,
+            max_connections,
+        )  # fmt: skip
+        return Listener(api, address, door, tls)
 
     inference_routes = inference.routes(registry, metrics)
     management_routes = management.routes(registry, auth, config)
@@ -86,7 +101,7 @@ async def serve(
     gpus = detect_gpu_count(environ)
     if config.number_of_gpu is not None:
         gpus = min(gpus, config.number_of_gpu)
-    workdir = Path(tempfile.mkdtemp(prefix="marserve-", dir=temp_dir))
+    workdir = make_workdir(temp_dir)  # named after this process; removes those of dead servers first
     metrics = Metrics() if config.enable_metrics_api else NoMetrics()
     observer = Observer(
         batch_done=lambda model, size, seconds, report: metrics.batch(model.name, model.version, size, seconds, report),
@@ -100,17 +115,17 @@ async def serve(
     )  # fmt: skip
     metrics.watch_workers(lambda: [(m.name, m.version, w.state) for m in registry.status() for w in m.workers])
     if not config.disable_system_metrics:
-        metrics.registry.register(
-            SystemMetrics(
-                metrics.hostname,
-                lambda: [
-                    (m.name, m.version, w.id, w.pid)
-                    for m in registry.status()
-                    for w in m.workers
-                    if w.state == WorkerState.READY and w.pid
-                ],
-            )
+        system = SystemMetrics(
+            metrics.hostname,
+            lambda: [
+                (m.name, m.version, w.id, w.pid)
+                for m in registry.status()
+                for w in m.workers
+                if w.state == WorkerState.READY and w.pid
+            ],
         )
+        metrics.registry.register(system)
+        metrics.add_torchserve_families(system.families)
     auth = _token_auth(config, key_file)
     policy = RequestPolicy(
         auth=auth,
@@ -133,7 +148,7 @@ async def serve(
                 await listener.start()
         except ListenError as exc:
             log.error("%s", exc)
-            raise SystemExit(1) from None
+            raise StartupError(str(exc)) from None
         urls = [a.url for a in (config.inference_address, config.management_address, config.metrics_address)]
         log.info("marserve listening: inference %s, management %s, metrics %s", *urls)
         if on_ready is not None:
@@ -145,6 +160,9 @@ async def serve(
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
+        # First: a register or scale waiting on workers to start is answered now, not after the
+        # listeners' grace; workers that serve stay, so that requests in flight finish.
+        await registry.begin_shutdown()
         await asyncio.gather(*(listener.stop(GRACEFUL_SHUTDOWN_SECONDS) for listener in listeners))
         access_log.close()
         if auth is not None:
@@ -155,6 +173,28 @@ async def serve(
         await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("marserve has stopped")
+
+
+def connection_cap(configured: int, listeners: int, reserved: int) -> int:
+    """``max_connections`` per listener, lowered so that all listeners together stay within the
+    process's file descriptors (the soft limit, raised to the hard one first), less ``reserved``
+    for workers, logs and archives."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    room = max(1, (soft - reserved) // listeners)
+    if room < configured:
+        log.warning(
+            "max_connections lowered from %d to %d per listener: the process may open %d files",
+            configured, room, soft,
+        )  # fmt: skip
+    return min(configured, room)
 
 
 def _token_auth(config: ServerConfig, key_file: Path) -> TokenAuth | None:

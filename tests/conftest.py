@@ -129,6 +129,8 @@ class Server:
         # Everything the server logs, and its access log.
         self.log = root / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # What the serve command runs under (e.g. ["prlimit", "--nofile=1024:1024", "--"]).
+        self.launcher: list[str] = []
         # One client for the test's calls: a new one per call costs more than the server's work.
         self.http = httpx.Client(timeout=120)
 
@@ -138,7 +140,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [*self.command("--start", "--foreground"), *self.args],
+                [*self.launcher, *self.command("--start", "--foreground"), *self.args],
                 env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + timeout

@@ -14,18 +14,28 @@ import asyncio
 import json
 import logging
 import time
-from typing import TextIO
+from typing import Protocol
 
 LOGGER_NAME = "marserve.access"
 
 log = logging.getLogger("marserve")
 
 
+class Sink(Protocol):
+    """Where access-log lines go: a text file, a terminal, a rotating file."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class AccessLog:
     FLUSH_SECONDS = 0.5
     MAX_LINES = 512
 
-    def __init__(self, stream: TextIO, json_lines: bool = False, owns_stream: bool = False) -> None:
+    def __init__(self, stream: Sink, json_lines: bool = False, owns_stream: bool = False) -> None:
         self._stream = stream
         self._json = json_lines
         self._owns_stream = owns_stream

@@ -14,13 +14,20 @@ A request goes through the same steps whatever its route:
 
 Pipelined requests are answered in order, one at a time; the connection stops reading while
 one waits its turn, and stops starting new ones while the client does not read its answers.
-A connection that owes the rest of a request and stays silent for ``read_timeout`` seconds
-is closed; so is one idle for ``keep_alive`` seconds between requests.
+
+Clients that trickle or stall cannot hold a connection for long: a connection that owes the rest
+of a request and stays silent for ``read_timeout`` seconds is closed; a request head must be
+complete ``head_timeout`` seconds after it began (after the connection opened, for its first
+request); a body must then arrive at ``min_body_rate`` bytes a second on average, after a grace of
+``head_timeout`` seconds; a connection idle between requests is closed after ``keep_alive``
+seconds. A listener holds at most ``max_connections``: a new one past the cap closes the oldest
+connection that has not sent a whole request head or is idle, and is refused if there is none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import socket
 import time
@@ -47,19 +54,58 @@ INVALID = "Invalid HTTP message."
 HEAD_TOO_LARGE = f"Invalid HTTP message: the request line and headers exceed {MAX_HEAD_BYTES} bytes"
 TOO_MANY_HEADERS = f"Invalid HTTP message: more than {MAX_HEADERS} header fields"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# What the refusal counter calls each reason to refuse a message.
+_REASONS = {INVALID: "invalid", HEAD_TOO_LARGE: "head_too_large", TOO_MANY_HEADERS: "too_many_headers"}
 
 
 @dataclass(eq=False)
 class Door:
-    """What one listener's connections share: its routes, the policy and its timeouts."""
+    """What one listener's connections share: its routes, the policy, its timeouts and caps."""
 
     router: Router
     policy: RequestPolicy
     read_timeout: float
+    head_timeout: float
+    min_body_rate: int  # bytes a second; 0: no minimum
+    max_connections: int
     keep_alive: float = KEEP_ALIVE_SECONDS
-    connections: set[HttpConnection] = field(default_factory=set)
+    #: Open connections, oldest first (a dict keeps the order a set would not).
+    connections: dict[HttpConnection, None] = field(default_factory=dict)
     #: Set when the server stops: answers say ``connection: close``.
     closing: bool = False
+    #: The most connections open at once since memory was last given back.
+    peak: int = 0
+
+    def admit(self, connection: HttpConnection) -> bool:
+        """Whether a new connection may stay; at the cap, the oldest evictable one makes room."""
+        if len(self.connections) >= self.max_connections:
+            oldest = next((c for c in self.connections if c.evictable()), None)
+            if oldest is None:
+                return False
+            oldest.close("evicted")
+        self.connections[connection] = None
+        self.peak = max(self.peak, len(self.connections))
+        return True
+
+    def release(self, connection: HttpConnection) -> None:
+        self.connections.pop(connection, None)
+        if self.peak >= _TRIM_AFTER and len(self.connections) <= self.peak // 8:
+            # Thousands of connections came and went (a flood, an attack): the allocator keeps the
+            # pages they used unless asked to give them back.
+            self.peak = len(self.connections)
+            give_back_memory()
+
+
+# Connections at once past which their going away gives memory back to the system.
+_TRIM_AFTER = 1000
+
+
+def give_back_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Refused(Exception):
@@ -98,6 +144,14 @@ class _Exchange(Request):
 
 
 class HttpConnection(asyncio.Protocol):
+    # Thousands may be open at once (a flood, an attack): slots keep each one small.
+    __slots__ = (
+        "door", "loop", "parser", "transport", "client", "_url", "_headers", "_head_size", "_in_head",
+        "_head_bytes", "_incomplete", "_receiving", "_queue", "_refusal", "_closing", "_advancing",
+        "_read_paused", "_write_paused", "_last_read", "_idle_since", "_phase_started", "_body_bytes",
+        "_requests", "_timer", "__weakref__",
+    )  # fmt: skip
+
     def __init__(self, door: Door, loop: asyncio.AbstractEventLoop) -> None:
         self.door = door
         self.loop = loop
@@ -119,6 +173,10 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._last_read = 0.0
         self._idle_since = 0.0
+        # When the head being read began (or the connection opened), then when its body began.
+        self._phase_started = 0.0
+        self._body_bytes = 0
+        self._requests = 0
         self._timer: asyncio.TimerHandle | None = None
 
     # -- the transport ---------------------------------------------------------------------------
@@ -133,18 +191,27 @@ class HttpConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError):
                 pass  # not TCP
-        self.door.connections.add(self)
-        self._last_read = self.loop.time()
-        self._arm(self.door.read_timeout)
+        self._last_read = self._phase_started = self.loop.time()
+        if not self.door.admit(self):
+            # Every connection is busy with a request: refused before it costs anything more.
+            self.door.policy.refused("connection_cap")
+            transport.close()
+            return
+        self._arm(min(self.door.read_timeout, self.door.head_timeout))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.door.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for exchange in list(self._queue):
             self._client_gone(exchange)
         self._queue.clear()
+        self._receiving = None
+        # The parser calls back into this object and this object holds the parser: a cycle that
+        # only a full garbage collection would free, which may not come for a long time after a
+        # flood of connections. Nothing is parsed once the connection is lost.
+        del self.parser
+        self.door.release(self)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
@@ -175,6 +242,18 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._advance()
 
+    def evictable(self) -> bool:
+        """Whether closing it costs no request: it is between requests, or has not sent a whole head."""
+        return not self._queue and (self._in_head or not self._incomplete)
+
+    def close(self, reason: str) -> None:
+        """Close for ``reason`` (a deadline missed, evicted at the cap), counted by the policy."""
+        # Out of the count at once: the transport only reports it lost once its buffer is written.
+        self.door.connections.pop(self, None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.door.policy.refused(reason)
+            self.transport.close()
+
     def shutdown(self) -> None:
         """The server is stopping: close now if no request is being answered, else after it."""
         self._closing = True
@@ -193,8 +272,12 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._in_head = True
         self._incomplete = True
+        if self._requests:
+            # The first head's clock started when the connection opened.
+            self._phase_started = self.loop.time()
+        self._requests += 1
         if self._timer is None:
-            self._arm(self.door.read_timeout)
+            self._arm(min(self.door.read_timeout, self.door.head_timeout))
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -214,6 +297,8 @@ class HttpConnection(asyncio.Protocol):
             self._refusal = HEAD_TOO_LARGE
             raise _Refused
         self._in_head = False
+        self._phase_started = self.loop.time()
+        self._body_bytes = 0
         parser = self.parser
         try:
             url = httptools.parse_url(self._url)
@@ -240,6 +325,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
         exchange = self._receiving
         if exchange is None:
             return
@@ -408,6 +494,7 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         policy = self.door.policy
+        policy.refused(_REASONS.get(message, "invalid"))
         answer = torchserve_error(BadRequest(message))
         lines = head(answer, policy.headers, policy.header_lines, policy.request_id())
         body = answer.body
@@ -428,14 +515,24 @@ class HttpConnection(asyncio.Protocol):
         now = self.loop.time()
         door = self.door
         if self._incomplete:
-            silent = now - self._last_read
-            if silent < door.read_timeout or self._read_paused:
-                # Data came meanwhile, or the server stopped reading, not the client: look again
-                # when the client has had its full time.
-                self._arm(door.read_timeout - silent if silent < door.read_timeout else door.read_timeout)
+            if self._read_paused:
+                # The server stopped reading (pipelined requests wait their turn), not the client.
+                self._arm(door.read_timeout)
                 return
-            log.info("closing a connection from %s: no request data for %g s", self.client, door.read_timeout)
-            transport.close()
+            deadline, reason = self._last_read + door.read_timeout, "read_timeout"
+            if self._in_head:
+                due = self._phase_started + door.head_timeout
+                if due < deadline:
+                    deadline, reason = due, "head_timeout"
+            elif door.min_body_rate:
+                # Each byte buys 1/min_body_rate seconds beyond the grace.
+                due = self._phase_started + door.head_timeout + self._body_bytes / door.min_body_rate
+                if due < deadline:
+                    deadline, reason = due, "body_too_slow"
+            if now < deadline:
+                self._arm(deadline - now)
+                return
+            self.close(reason)
         elif not self._queue:
             idle = now - self._idle_since
             if idle < door.keep_alive:

@@ -12,9 +12,12 @@ The HTTP connection calls it for every request; other protocols (gRPC) call the 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from typing import Protocol
@@ -25,8 +28,18 @@ from .auth import REFUSED, TokenAuth
 from .responses import NO_CACHE, header_lines
 
 
-class StatusCounter(Protocol):
+log = logging.getLogger("marserve.http")
+
+# Refusals are logged as a summary at most this often.
+REFUSAL_LOG_SECONDS = 60
+
+
+class Counters(Protocol):
+    """What the policy counts: answered statuses, and what it refused before it was a request."""
+
     def response(self, status: int) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
 
 
 class RequestIds:
@@ -53,7 +66,7 @@ class RequestPolicy:
         *,
         auth: TokenAuth | None,
         max_request_size: int,
-        metrics: StatusCounter,
+        metrics: Counters,
         access_log: AccessLog,
         cors: Sequence[tuple[str, str]] = (),
     ) -> None:
@@ -66,6 +79,8 @@ class RequestPolicy:
         self.headers: tuple[tuple[str, str], ...] = (*NO_CACHE, *cors)
         self.header_lines = header_lines(self.headers)
         self._date = (0, b"")
+        self._refusals: Counter[str] = Counter()
+        self._refusal_log: asyncio.TimerHandle | None = None
 
     # -- before the handler ----------------------------------------------------------------------
 
@@ -91,6 +106,24 @@ class RequestPolicy:
         if now != self._date[0]:
             self._date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
         return self._date[1]
+
+    def refused(self, reason: str) -> None:
+        """A connection or message refused before it became a request (``reason``: head_timeout,
+        invalid, connection_cap, ...): counted, and logged in a summary at most once a minute,
+        since under attack there may be thousands a second."""
+        self.metrics.refused(reason)
+        self._refusals[reason] += 1
+        if self._refusal_log is None:
+            self._log_refusals()
+
+    def _log_refusals(self) -> None:
+        if not self._refusals:
+            self._refusal_log = None
+            return
+        counts = ", ".join(f"{reason} {count}" for reason, count in self._refusals.most_common())
+        log.warning("refused connections or messages in the last %d s: %s", REFUSAL_LOG_SECONDS, counts)
+        self._refusals.clear()
+        self._refusal_log = asyncio.get_running_loop().call_later(REFUSAL_LOG_SECONDS, self._log_refusals)
 
     def answered(
         self, client: tuple[str, int] | None, method: str, path: str, status: int, received: float, request_id: str

@@ -1,12 +1,10 @@
 """Metrics: TorchServe's names on /metrics, Prometheus histograms beside them, handler metrics.
 
-Everything lives in one ``CollectorRegistry`` per server (never prometheus-client's global one).
-
-TorchServe's counters (``ts_inference_requests_total``, ``ts_inference_latency_microseconds``,
-``ts_queue_latency_microseconds``, ``Requests2XX``/``4XX``/``5XX``) keep their exact names. They are
-exposed as *untyped*: prometheus-client would append ``_total`` to a counter's name, and
-``rate()`` works the same on either type. TorchServe's gauges (``QueueTime``,
-``WorkerThreadTime``, ``WorkerLoadTime``, ``HandlerTime``, ``PredictionTime``) are gauges.
+TorchServe's families (``Requests2XX``/``4XX``/``5XX``, ``ts_inference_requests_total``,
+``ts_inference_latency_microseconds``, ``ts_queue_latency_microseconds``, the ``QueueTime``,
+``WorkerThreadTime`` and ``WorkerLoadTime`` gauges, handlers' metrics, system metrics) are written
+as TorchServe writes them (``text``). marserve's own ``marserve_*`` families live in one
+``CollectorRegistry`` per server (never prometheus-client's global one).
 
 The recording calls are on the request path, so they only add to dicts and histograms; the
 Prometheus objects for TorchServe's names are built when /metrics is scraped.
@@ -24,13 +22,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..models.status import WorkerState
 from ..workers.messages import Result
+from . import text
+from .text import DEFAULT_BUCKETS, Family, java_double
 
 # Latency buckets in seconds, from a fast echo (sub-millisecond) to a slow batch (a minute).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
@@ -47,9 +47,8 @@ class Metrics:
         self.hostname = hostname or socket.gethostname()
         self.registry = CollectorRegistry()
         self._ts = _TorchServeMetrics(self.hostname)
-        self.registry.register(self._ts)
         self._custom = _HandlerMetrics(self.hostname)
-        self.registry.register(self._custom)
+        self._torchserve: list[Callable[[], Iterable[Family]]] = [self._ts.families, self._custom.families]
 
         def histogram(name: str, doc: str, buckets: Iterable[float] = LATENCY_BUCKETS) -> _Histogram:
             family = _Histogram(name, doc, tuple(buckets))
@@ -71,6 +70,8 @@ class Metrics:
         )
         self._workers = _WorkerStates()
         self.registry.register(self._workers)
+        self._refused = _Refusals()
+        self.registry.register(self._refused)
         # Per model version: its histogram series and its PredictionTime gauge's label values.
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
@@ -89,6 +90,10 @@ class Metrics:
     def response(self, status: int) -> None:
         """One HTTP response on any port (TorchServe's Requests2XX/4XX/5XX)."""
         self._ts.status[_status_class(status)] += 1
+
+    def refused(self, reason: str) -> None:
+        """A connection or message refused before it was a request (``marserve_http_refused_total``)."""
+        self._refused.counts[reason] += 1
 
     def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
         """One inference request that reached its model's queue, answered after ``seconds``."""
@@ -129,15 +134,20 @@ class Metrics:
         """``source`` lists (model, version, state) for every worker; read at scrape time."""
         self._workers.source = source
 
+    def add_torchserve_families(self, source: Callable[[], Iterable[Family]]) -> None:
+        """More families in TorchServe's text (the system metrics), read at scrape time."""
+        self._torchserve.append(source)
+
     # -- reading ---------------------------------------------------------------------------------
 
     def render(self, names: list[str]) -> tuple[bytes, str]:
-        """The Prometheus text; with ``names`` (the API's ``name[]=``), only those metric families."""
-        source: Any = self.registry
-        if names:
-            wanted = set(names)
-            source = _Only(m for m in self.registry.collect() if m.name in wanted)
-        return generate_latest(source), CONTENT_TYPE_LATEST
+        """The metrics text; with ``names`` (the API's ``name[]=``), only those metric families."""
+        wanted = set(names)
+        families = [f for source in self._torchserve for f in source() if not wanted or f.name in wanted]
+        own: Any = self.registry
+        if wanted:
+            own = _Only(m for m in self.registry.collect() if m.name in wanted)
+        return text.render(families).encode() + generate_latest(own), CONTENT_TYPE_LATEST
 
 
 class _Only:
@@ -158,8 +168,8 @@ def _status_class(status: int) -> int:
     return 5  # TorchServe counts everything that is neither 2xx nor 4xx as 5XX
 
 
-class _TorchServeMetrics(Collector):
-    """TorchServe's frontend metrics under their own names, built at scrape time from plain dicts."""
+class _TorchServeMetrics:
+    """TorchServe's frontend metrics, kept as plain numbers and written out when scraped."""
 
     def __init__(self, hostname: str) -> None:
         self.hostname = hostname
@@ -167,35 +177,33 @@ class _TorchServeMetrics(Collector):
         self.requests: defaultdict[tuple[str, str], float] = defaultdict(float)
         self.latency_us: defaultdict[tuple[str, str], float] = defaultdict(float)
         self.queue_us: defaultdict[tuple[str, str], float] = defaultdict(float)
+        # name -> {extra labels (before Level and Hostname, as TorchServe orders them): value}
         self.gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {
             "QueueTime": {},
             "WorkerThreadTime": {},
             "WorkerLoadTime": {},
         }
 
-    def collect(self) -> Iterator[Metric]:
-        host = {"Level": "Host", "Hostname": self.hostname}
+    def families(self) -> Iterator[Family]:
+        host = (("Level", "Host"), ("Hostname", self.hostname))
         for cls in (2, 4, 5):
-            metric = Metric(f"Requests{cls}XX", "Torchserve prometheus counter metric with unit: Count", "unknown")
-            metric.add_sample(f"Requests{cls}XX", host, float(self.status[cls]))
-            yield metric
+            family = Family(f"Requests{cls}XX", "counter", "Count")
+            family.add(host, float(self.status[cls]))
+            yield family
         per_model = [
             ("ts_inference_requests_total", "Count", self.requests),
             ("ts_inference_latency_microseconds", "Microseconds", self.latency_us),
             ("ts_queue_latency_microseconds", "Microseconds", self.queue_us),
         ]
         for name, unit, values in per_model:
-            metric = Metric(name, f"Torchserve prometheus counter metric with unit: {unit}", "unknown")
+            family = Family(name, "counter", unit)
             for (model, version), value in list(values.items()):
-                labels = {"model_name": model, "model_version": version, "hostname": self.hostname}
-                metric.add_sample(name, labels, value)
-            yield metric
+                family.add((("model_name", model), ("model_version", version), ("hostname", self.hostname)), value)
+            yield family
         for name, series in self.gauges.items():
-            unit = "Milliseconds"
-            label_names = ["Level", "Hostname"] + ([k for k, _ in next(iter(series))] if series else [])
-            family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=label_names)
+            family = Family(name, "gauge", "Milliseconds")
             for extra, value in list(series.items()):
-                family.add_metric(["Host", self.hostname, *(v for _, v in extra)], value)
+                family.add((*extra, *host), value)
             yield family
 
 
@@ -219,11 +227,26 @@ class _WorkerStates(Collector):
         yield family
 
 
-class _HandlerMetrics(Collector):
+class _Refusals(Collector):
+    """``marserve_http_refused_total{reason}``: what the front door refused before it was a request."""
+
+    def __init__(self) -> None:
+        self.counts: defaultdict[str, int] = defaultdict(int)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "marserve_http_refused", "Connections and messages refused before they were requests.", labels=["reason"]
+        )
+        for reason, count in list(self.counts.items()):
+            family.add_metric([reason], count)
+        yield family
+
+
+class _HandlerMetrics:
     """Metrics handlers record through ``context.metrics``, with their dimensions as labels.
 
-    Counters keep adding; gauges keep the last value; histograms keep every observation's sum
-    and count (TorchServe's Prometheus mode does the same with its own buckets).
+    Counters keep adding; gauges keep the last value; histograms count observations in
+    simpleclient's default buckets, as TorchServe's Prometheus mode does.
     """
 
     def __init__(self, hostname: str) -> None:
@@ -260,23 +283,29 @@ class _HandlerMetrics(Collector):
         if kind == "counter":
             points[values] = points.get(values, 0.0) + value
         elif kind == "histogram":
-            total, count = points.get(values, (0.0, 0))
-            points[values] = (total + value, count + 1)
+            buckets = points.get(values)
+            if buckets is None:
+                buckets = points[values] = [0.0, 0] + [0] * len(DEFAULT_BUCKETS)  # sum, count, buckets
+            buckets[0] += value
+            buckets[1] += 1
+            buckets[2 + bisect_left(DEFAULT_BUCKETS, value)] += 1
         else:
             points[values] = value
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[Family]:
         for name, (kind, unit, labels, points) in list(self.series.items()):
-            doc = f"Handler {kind} metric with unit: {unit}"
-            metric = Metric(name, doc, "unknown" if kind == "counter" else "gauge" if kind == "gauge" else "summary")
+            family = Family(name, kind if kind in ("counter", "gauge", "histogram") else "gauge", unit)
             for values, value in list(points.items()):
-                sample_labels = dict(zip(labels, values))
-                if kind == "histogram":
-                    metric.add_sample(f"{name}_sum", sample_labels, value[0])
-                    metric.add_sample(f"{name}_count", sample_labels, float(value[1]))
-                else:
-                    metric.add_sample(name, sample_labels, value)
-            yield metric
+                sample_labels = tuple(zip(labels, values))
+                if kind != "histogram":
+                    family.add(sample_labels, value)
+                    continue
+                total, count, *counts = value
+                for bound, cumulative in zip(DEFAULT_BUCKETS, itertools.accumulate(counts)):
+                    family.add((*sample_labels, ("le", java_double(bound))), float(cumulative), "_bucket")
+                family.add(sample_labels, float(count), "_count")
+                family.add(sample_labels, total, "_sum")
+            yield family
 
 
 class _Histogram(Collector):
@@ -326,6 +355,9 @@ class NoMetrics(Metrics):
     """What the request path records into when the metrics API is off: nothing."""
 
     def response(self, status: int) -> None:
+        pass
+
+    def refused(self, reason: str) -> None:
         pass
 
     def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:

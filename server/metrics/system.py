@@ -15,6 +15,8 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .text import Family
+
 WorkerPids = Callable[[], Iterable[tuple[str, str, str, int]]]  # (model, version, worker id, pid)
 
 
@@ -52,13 +54,13 @@ class SystemMetrics(Collector):
         self.disk_path = disk_path
         self._last_cpu = _cpu_times()
 
-    def _gauge(self, name: str, unit: str, value: float, **labels: str) -> GaugeMetricFamily:
-        names = ["Level", "Hostname", *labels]
-        family = GaugeMetricFamily(name, f"Torchserve prometheus gauge metric with unit: {unit}", labels=names)
-        family.add_metric(["Host", self.hostname, *labels.values()], value)
+    def _gauge(self, name: str, unit: str, value: float) -> Family:
+        family = Family(name, "gauge", unit)
+        family.add((("Level", "Host"), ("Hostname", self.hostname)), value)
         return family
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[Family]:
+        """TorchServe's system metrics, read now."""
         now = _cpu_times()
         if now is not None and self._last_cpu is not None and now[0] > self._last_cpu[0]:
             total, idle = now[0] - self._last_cpu[0], now[1] - self._last_cpu[1]
@@ -75,6 +77,17 @@ class SystemMetrics(Collector):
         yield self._gauge("DiskUsage", "Gigabytes", disk.used / 2**30)
         yield self._gauge("DiskAvailable", "Gigabytes", disk.free / 2**30)
         yield self._gauge("DiskUtilization", "Percent", round(100.0 * disk.used / disk.total, 1))
+        # Listed with no samples on a host without GPUs, as TorchServe lists them.
+        gpu = {name: Family(name, "gauge", unit) for name, unit in _GPU_FAMILIES}
+        for device, utilization, memory_used, used_share in self._gpus():
+            labels = (("Level", "Host"), ("DeviceId", device), ("Hostname", self.hostname))
+            gpu["GPUUtilization"].add(labels, utilization)
+            gpu["GPUMemoryUsed"].add(labels, memory_used)
+            gpu["GPUMemoryUtilization"].add(labels, used_share)
+        yield from gpu.values()
+
+    def collect(self) -> Iterator[Metric]:
+        """marserve's own: each worker's resident memory."""
         rss = GaugeMetricFamily(
             "marserve_worker_memory_bytes", "Resident memory of each worker process.",
             labels=["model_name", "model_version", "worker_id"],
@@ -82,9 +95,9 @@ class SystemMetrics(Collector):
         for name, version, worker_id, pid in self.workers():
             rss.add_metric([name, version, worker_id], rss_bytes(pid))
         yield rss
-        yield from self._gpus()
 
-    def _gpus(self) -> Iterator[Metric]:
+    def _gpus(self) -> Iterator[tuple[str, float, float, float]]:
+        """(device id, utilization %, memory used MiB, memory used %) of each GPU NVML sees."""
         try:
             import pynvml  # nvidia-ml-py, optional
         except ImportError:
@@ -98,11 +111,11 @@ class SystemMetrics(Collector):
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
                 usage = pynvml.nvmlDeviceGetUtilizationRates(handle)
-                device = str(index)
-                yield self._gauge("GPUUtilization", "Percent", usage.gpu, DeviceId=device)
-                yield self._gauge("GPUMemoryUsed", "Megabytes", memory.used / 2**20, DeviceId=device)
-                yield self._gauge("GPUMemoryUtilization", "Percent", 100.0 * memory.used / memory.total, DeviceId=device)
+                yield str(index), float(usage.gpu), memory.used / 2**20, 100.0 * memory.used / memory.total
         except pynvml.NVMLError:
             return
         finally:
             pynvml.nvmlShutdown()
+
+
+_GPU_FAMILIES = (("GPUUtilization", "Percent"), ("GPUMemoryUtilization", "Percent"), ("GPUMemoryUsed", "Megabytes"))

@@ -35,9 +35,13 @@ LIMIT = 1000
 class Counter:
     def __init__(self) -> None:
         self.statuses: list[int] = []
+        self.refusals: list[str] = []
 
     def response(self, status: int) -> None:
         self.statuses.append(status)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.append(reason)
 
 
 def plain_error(error: ServerError) -> Answer:
@@ -48,7 +52,10 @@ def plain_error(error: ServerError) -> Answer:
 class FrontDoor:
     """A listener on a free port, served by an event loop in a thread."""
 
-    def __init__(self, tmp: Path, with_auth: bool) -> None:
+    def __init__(
+        self, tmp: Path, with_auth: bool, *, read_timeout: float = 5, head_timeout: float = 10,
+        min_body_rate: int = 16384, max_connections: int = 100,
+    ) -> None:  # fmt: skip
         self.auth = TokenAuth(tmp / "key_file.json", 60) if with_auth else None
         self.counter = Counter()
         self.log = io.StringIO()
@@ -60,7 +67,8 @@ class FrontDoor:
             cors=(("access-control-allow-origin", "https://example.com"),),
         )  # fmt: skip
         router = Router(self.routes(), default_key=INFERENCE)
-        self.listener = Listener("test", Address(scheme="http", host="127.0.0.1", port=self.port), Door(router, policy, 5))
+        door = Door(router, policy, read_timeout, head_timeout, min_body_rate, max_connections)
+        self.listener = Listener("test", Address(scheme="http", host="127.0.0.1", port=self.port), door)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.listener.start(), self.loop).result(10)
@@ -228,3 +236,117 @@ def test_something_that_is_not_http_is_a_json_400(door: FrontDoor) -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b'"type": "BadRequestException"' in data and b"connection: close" in data
+
+
+# -- clients that trickle, stall or crowd ---------------------------------------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed ``sock`` (reading whatever it sent); fails after ``seconds``."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"still open after {seconds} s") from None
+    return time.monotonic() - started
+
+
+def test_a_head_trickled_byte_by_byte_is_closed_at_its_deadline(tmp_path: Path) -> None:
+    front = FrontDoor(tmp_path, False, read_timeout=30, head_timeout=1)
+    try:
+        request = b"GET /v9/open HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100
+        with socket.create_connection(("127.0.0.1", front.port), timeout=10) as sock:
+            started = time.monotonic()
+            # Never silent for long (read_timeout is 30 s), yet the head is never done.
+            for byte in request:
+                try:
+                    sock.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if time.monotonic() - started > 3:
+                    break
+                time.sleep(0.05)
+            assert closed_within(sock, 5) + (time.monotonic() - started) < 4
+        wait_until(lambda: front.counter.refusals == ["head_timeout"])
+        # A whole head in time is served.
+        assert httpx.get(f"{front.url}/v9/open").status_code == 200
+    finally:
+        front.close()
+
+
+def test_a_body_slower_than_the_minimum_rate_is_closed(tmp_path: Path) -> None:
+    front = FrontDoor(tmp_path, False, read_timeout=30, head_timeout=1, min_body_rate=1000, max_connections=10)
+    try:
+        with socket.create_connection(("127.0.0.1", front.port), timeout=10) as sock:
+            sock.sendall(b"POST /v9/now HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n")
+            started = time.monotonic()
+            # 50 bytes a second, against a minimum of 1000 after a second's grace: due after 1.05 s or so.
+            for _ in range(40):
+                try:
+                    sock.sendall(b"x" * 5)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.1)
+            assert time.monotonic() - started + closed_within(sock, 5) < 3
+        wait_until(lambda: front.counter.refusals == ["body_too_slow"])
+        # A body at the rate, and beyond its grace, is served.
+        body = iter([b"x" * 250] * 4)
+        assert httpx.post(f"{front.url}/v9/now", content=body).json()["body"] == "x" * 1000
+    finally:
+        front.close()
+
+
+def test_at_the_connection_cap_the_oldest_idle_or_headless_connection_makes_room(tmp_path: Path) -> None:
+    front = FrontDoor(tmp_path, False, read_timeout=30, head_timeout=30, max_connections=20)
+    crowd = []
+    try:
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+            sock.sendall(b"G")  # a head begun and never finished
+            crowd.append(sock)
+        # Served, although 60 connections were made before it and none of them finished a head.
+        assert httpx.get(f"{front.url}/v9/open").status_code == 200
+        wait_until(lambda: len(front.listener.door.connections) <= 20)
+        closed = sum(1 for sock in crowd if _closed(sock))
+        assert closed >= 40
+        assert front.counter.refusals.count("evicted") >= 40
+    finally:
+        for sock in crowd:
+            sock.close()
+        front.close()
+
+
+def test_at_the_cap_a_connection_is_refused_when_every_other_is_being_answered(tmp_path: Path) -> None:
+    front = FrontDoor(tmp_path, False, max_connections=2)
+    busy = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+            sock.sendall(b"POST /v9/later HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            busy.append(sock)
+        wait_until(lambda: len(front.futures) == 2)
+        with socket.create_connection(("127.0.0.1", front.port), timeout=10) as third:
+            assert closed_within(third, 5) < 5
+        assert front.counter.refusals == ["connection_cap"]
+        # The requests being answered were not disturbed.
+        for _ in busy:
+            front.resolve(Response(200, b"fine"))
+        assert all(read_all(sock, b"fine").endswith(b"fine") for sock in busy)
+    finally:
+        for sock in busy:
+            sock.close()
+        front.close()
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.3)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

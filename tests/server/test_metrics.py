@@ -216,3 +216,65 @@ def test_log_level_above_info_silences_info_lines_and_the_access_log(tmp_path: P
     log = server.log.read_text()
     assert request_id not in log
     assert "marserve listening" not in log
+
+
+def test_torchserve_families_are_written_as_torchserve_writes_them(srv: Server) -> None:
+    # The patterns of TorchServe's own test_metrics.py (test_metrics_prometheus_mode), with this
+    # suite's models; each must match exactly once.
+    assert srv.predict("custom", b"img").status_code == 200
+    assert srv.http.post(f"{srv.inference}/predictions/custom", content=b"img").status_code == 200
+    text = scrape(srv)
+    host = r'Hostname=".+",'
+    patterns = [
+        r"TYPE Requests2XX counter",
+        rf'Requests2XX\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE ts_inference_requests_total counter",
+        r'ts_inference_requests_total\{model_name="custom",model_version="default",hostname=".+",\} \d+\.\d+',
+        r"TYPE ts_inference_latency_microseconds counter",
+        r'ts_inference_latency_microseconds\{model_name="custom",model_version="default",hostname=".+",\} \d+\.\d+',
+        r"TYPE ts_queue_latency_microseconds counter",
+        r'ts_queue_latency_microseconds\{model_name="custom",model_version="default",hostname=".+",\} \d+\.\d+',
+        r"TYPE QueueTime gauge",
+        rf'QueueTime\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE WorkerThreadTime gauge",
+        rf'WorkerThreadTime\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE WorkerLoadTime gauge",
+        r"TYPE CPUUtilization gauge",
+        rf'CPUUtilization\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE MemoryUsed gauge",
+        rf'MemoryUsed\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE MemoryAvailable gauge",
+        r"TYPE MemoryUtilization gauge",
+        r"TYPE DiskUsage gauge",
+        rf'DiskUsage\{{Level="Host",{host}\}} \d+\.\d+',
+        r"TYPE DiskUtilization gauge",
+        r"TYPE DiskAvailable gauge",
+        r"TYPE HandlerTime gauge",
+        rf'HandlerTime\{{ModelName="custom",Level="Model",{host}\}} \d+\.\d+',
+        r"TYPE PredictionTime gauge",
+        rf'PredictionTime\{{ModelName="custom",Level="Model",{host}\}} \d+\.\d+',
+        r"TYPE ImagesSeen counter",
+        rf'ImagesSeen\{{Color="red",ModelName="custom",Level="Model",{host}\}} \d+\.\d+',
+        # Listed, as TorchServe lists them, on a host without GPUs too.
+        r"# HELP GPUUtilization Torchserve prometheus gauge metric with unit: Percent",
+        r"TYPE GPUMemoryUtilization gauge",
+        r"TYPE GPUMemoryUsed gauge",
+    ]
+    for pattern in patterns:
+        assert len(re.findall(pattern, text)) == 1, pattern
+    # WorkerLoadTime names its worker first, as TorchServe does.
+    assert re.search(r'^WorkerLoadTime\{WorkerName="W-\d+-\w+_1\.0",Level="Host",Hostname=".+",\} \d+\.\d+$', text, re.M)
+    # marserve's own families stay Prometheus-native: histograms in seconds, no trailing comma.
+    assert re.search(r'^marserve_request_duration_seconds_bucket\{le="\+Inf",model_name="custom",model_version="1\.0"\} \d+\.\d+$', text, re.M)
+    assert re.search(r'^marserve_workers\{model_name="echo",model_version="1\.0",state="READY"\} 1\.0$', text, re.M)
+
+
+@pytest.mark.parametrize(
+    ("value", "java"),
+    [(12.0, "12.0"), (0.25, "0.25"), (1234567.0, "1234567.0"), (12345678.0, "1.2345678E7"), (1e-05, "1.0E-5"),
+     (0.0, "0.0"), (float("inf"), "+Inf"), (-2.5e20, "-2.5E20")],
+)  # fmt: skip
+def test_values_are_written_as_java_writes_doubles(value: float, java: str) -> None:
+    from server.metrics.text import java_double
+
+    assert java_double(value) == java
