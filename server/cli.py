@@ -11,26 +11,21 @@ import sys
 import tempfile
 import time
 import traceback
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from .config import ConfigError, ServerConfig, load_config
+from .version import TORCHSERVE_VERSION, marserve_version
 
 if TYPE_CHECKING:
     from .models.snapshot import SnapshotPlan
 
 START_TIMEOUT = 120.0
+# How a background server that could not start says why on its ready pipe.
+_FAILED = "failed: "
 STOP_TIMEOUT = 60.0
-
-
-def _version() -> str:
-    try:
-        return version("marserve")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def pid_file() -> Path:
@@ -85,7 +80,7 @@ def cli(action: str, **options: Any) -> int:
     if options["more_models"] and not options["models"]:
         raise click.UsageError(f"unexpected argument: {options['more_models'][0]}")
     if action == "version":
-        click.echo(f"marserve Version is {_version()}")
+        click.echo(f"marserve Version is {marserve_version()} (TorchServe {TORCHSERVE_VERSION} compatible)")
         return 0
     if action == "stop":
         return stop()
@@ -162,13 +157,15 @@ def start_background(config: ServerConfig, snapshots: SnapshotPlan) -> int:
     os.close(write_end)
     ready = _read_ready(read_end, START_TIMEOUT)
     os.close(read_end)
-    if ready is None:
+    if ready is None or ready.startswith(_FAILED):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if ready is not None:
+            raise click.ClickException(ready[len(_FAILED) :])
         raise click.ClickException(f"marserve failed to start; see {log_dir / 'ts_log.log'} and marserve.log there")
-    inference, management, metrics = (ready + ["-", "-", "-"])[:3]
+    inference, management, metrics = (ready.split() + ["-", "-", "-"])[:3]
     click.echo(
         f"marserve started (pid {pid}): inference {inference}, management {management}, "
         f"metrics {metrics}; logs in {log_dir}/"
@@ -192,7 +189,7 @@ def _serve_detached(config: ServerConfig, snapshots: SnapshotPlan, ready_fd: int
     code = 1
     try:
         code = run_foreground(config, snapshots, ready_fd)
-    except SystemExit as exc:  # serve()'s way out when a port is taken, after logging why
+    except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - logged, and the parent sees the ready pipe close
         traceback.print_exc()
@@ -202,7 +199,8 @@ def _serve_detached(config: ServerConfig, snapshots: SnapshotPlan, ready_fd: int
         os._exit(code)
 
 
-def _read_ready(fd: int, timeout: float) -> list[str] | None:
+def _read_ready(fd: int, timeout: float) -> str | None:
+    """The server's one line on the ready pipe: its URLs, or ``_FAILED`` and why it could not start."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
@@ -213,14 +211,14 @@ def _read_ready(fd: int, timeout: float) -> list[str] | None:
         if not chunk:
             return None  # the server exited before it was ready
         data += chunk
-    return data.decode().split()
+    return data.decode().strip()
 
 
 def run_foreground(config: ServerConfig, snapshots: SnapshotPlan | None = None, ready_fd: int | None = None) -> int:
     """Serve until stopped; with ``ready_fd`` (a background start) say on it where the ports listen."""
     from .http.auth import KEY_FILE_NAME
     from .logs import configure_logging
-    from .serve import serve
+    from .serve import StartupError, serve
 
     access_log = configure_logging(config, foreground=ready_fd is None)
 
@@ -242,6 +240,11 @@ def run_foreground(config: ServerConfig, snapshots: SnapshotPlan | None = None, 
 
     try:
         _run(until_signalled())
+    except StartupError as exc:
+        if ready_fd is None:
+            raise click.ClickException(str(exc)) from None
+        os.write(ready_fd, f"{_FAILED}{exc}\n".encode())
+        return 1
     finally:
         if _running_pid() == os.getpid():
             pid_file().unlink(missing_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..version import TORCHSERVE_VERSION, marserve_version
+
 _MODEL = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -21,7 +23,11 @@ _COMPONENTS = {
 def _doc(title: str, paths: dict[str, Any]) -> dict[str, Any]:
     return {
         "openapi": "3.0.1",
-        "info": {"title": title, "description": "marserve, a TorchServe-compatible model server", "version": "0.12.0"},
+        "info": {
+            "title": title,
+            "description": f"marserve, a model server compatible with TorchServe {TORCHSERVE_VERSION}'s APIs",
+            "version": marserve_version(),
+        },
         "paths": paths,
         "components": _COMPONENTS,
     }

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from importlib.metadata import version
+
 import httpx
 import pytest
 
@@ -39,7 +41,8 @@ def wait_gone(pids: list[int], timeout: float) -> bool:
 def test_version() -> None:
     result = subprocess.run([str(BIN / "serve"), "--version"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert result.stdout.startswith("marserve Version is ")
+    # marserve's own version, and the TorchServe release whose APIs it follows.
+    assert result.stdout == f"marserve Version is {version('marserve')} (TorchServe 0.12.0 compatible)\n"
 
 
 def test_background_start_second_start_and_stop(tmp_path: Path) -> None:
@@ -133,11 +136,28 @@ def test_port_in_use_fails_the_start(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", server.ports[1]))
         busy.listen()
         result = run(server, "--start", timeout=60)
+    reason = f"cannot listen on 127.0.0.1:{server.ports[1]} (management_address): address already in use"
+    # The reason on the terminal, in one line, as well as in the log.
     assert result.returncode == 1
-    log = server.root / "logs" / "ts_log.log"
-    assert result.stderr.strip() == f"serve: error: marserve failed to start; see {log} and marserve.log there"
-    assert f"cannot listen on 127.0.0.1:{server.ports[1]} (management_address): address already in use" in log.read_text()
+    assert result.stderr.strip() == f"serve: error: {reason}"
+    assert reason in (server.root / "logs" / "ts_log.log").read_text()
     assert "Traceback" not in (server.root / "logs" / "marserve.log").read_text()
+    assert "Uvicorn" not in (server.root / "logs" / "ts_log.log").read_text()
+
+
+def test_port_in_use_fails_a_foreground_start_with_the_reason(tmp_path: Path) -> None:
+    import socket
+
+    server = Server(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", server.ports[0]))
+        busy.listen()
+        result = run(server, "--start", "--foreground", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"serve: error: cannot listen on 127.0.0.1:{server.ports[0]} (inference_address): address already in use"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def _children(pid: int) -> list[int]:

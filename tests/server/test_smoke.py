@@ -1,3 +1,5 @@
+from importlib.metadata import version
+
 from tests.conftest import Server, ServerFactory, make_mar
 
 
@@ -21,3 +23,10 @@ def test_a_misspelt_key_is_named_with_the_key_it_resembles(start_server: ServerF
     assert "WARNING marserve: configuration key 'vmargs' is a TorchServe setting that marserve ignores" in log
     # The misspelt address was not used: the server listens where the rest of the file says.
     assert server.http.get(f"{server.inference}/ping").status_code == 200
+
+
+def test_api_descriptions_carry_marserve_version(server: Server) -> None:
+    for url in (server.inference, server.management, server.metrics):
+        info = server.http.options(f"{url}/").json()["info"]
+        assert info["version"] == version("marserve")
+        assert "TorchServe 0.12.0" in info["description"]
