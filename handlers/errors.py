@@ -4,12 +4,24 @@ from __future__ import annotations
 
 
 class PredictionException(Exception):
-    """Fail the whole batch with ``error_code`` and ``message`` (TorchServe's ts.utils.util)."""
+    """Fail the whole batch with ``error_code`` and ``message`` (TorchServe's ts.utils.util).
+
+    ``type_name`` (a marserve addition) is the ``type`` clients see in the error's JSON; None keeps
+    TorchServe's ``InternalServerException``.
+    """
+
+    type_name: str | None = None
 
     def __init__(self, message: str, error_code: int = 500) -> None:
         super().__init__(message)
         self.message = message
         self.error_code = error_code
+
+
+class MissingDependency(PredictionException):
+    """What the handler needs is not installed on the server (captum for explanations, say)."""
+
+    type_name = "MissingDependencyException"
 
     def __str__(self) -> str:
         return f"{self.message} : {self.error_code}"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from handlers import images
 from handlers.base_handler import BaseHandler
-from handlers.errors import PredictionException
+from handlers.errors import MissingDependency
 from handlers.images import FastPath, RequestError
 from handlers.utils import timed
 
@@ -117,8 +117,9 @@ class VisionHandler(BaseHandler):
             try:
                 from captum.attr import IntegratedGradients
             except ImportError:
-                raise PredictionException(
-                    "explanations need captum, which is not installed on the server (pip install captum)", 501
+                raise MissingDependency(
+                    "explanations need captum, which is not installed on the server (pip install 'marserve[explain]')",
+                    501,
                 ) from None
             self.ig = IntegratedGradients(self.model)
         return self.ig.attribute(tensor_data, target=target, n_steps=15).tolist()

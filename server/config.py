@@ -262,7 +262,9 @@ class Range:
 BATCH_SIZE = Range(1, 1024)  # batch_size, batchSize (YAML, models=: 0 is "not set")
 MAX_BATCH_DELAY = Range(0, 10_000)  # ms; the API's 0 is "do not wait", the YAML's "not set"
 RESPONSE_TIMEOUT = Range(1, 3600)  # s: response_timeout, responseTimeout, default_response_timeout
-STARTUP_TIMEOUT = Range(1, 3600)  # s: startup_timeout, startupTimeout, default_startup_timeout
+# s: startup_timeout, startupTimeout, default_startup_timeout. 0, as in TorchServe: no worker can
+# load in no time, so the registration fails.
+STARTUP_TIMEOUT = Range(0, 3600)
 JOB_QUEUE_SIZE = Range(1, 100_000)  # job_queue_size, jobQueueSize
 # One model's worker count (initial_workers, min_worker, max_worker, minWorkers, maxWorkers,
 # default_workers_per_model); max_workers_per_model lowers the top (WorkerCaps.workers).

@@ -151,10 +151,15 @@ class DependencyInstallFailed(BadRequest):
 class WorkerError(ServerError):
     """A failure a worker or its handler reported: the status is whatever it reported."""
 
-    def __init__(self, message: str, status_code: int = 500, metrics: Sequence[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self, message: str, status_code: int = 500, metrics: Sequence[dict[str, Any]] = (), type_name: str | None = None
+    ) -> None:
         super().__init__(message, status_code)
         # Metrics the handler recorded before failing still count.
         self.metrics = list(metrics)
+        if type_name:
+            # A handler may name what went wrong (handlers.errors.PredictionException.type_name).
+            self.type_name = type_name
 
 
 class WorkerDied(WorkerError):

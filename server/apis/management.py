@@ -132,8 +132,10 @@ def describe(model: VersionStatus) -> dict[str, Any]:
         {
             "id": worker.id,
             "startTime": _iso_millis(worker.started_at),
-            # TorchServe reports any worker that is not running as UNLOADING.
+            # TorchServe reports any worker that is not running as UNLOADING (its OpenAPI allows only
+            # these two); marserve's own field beside it says which state it is in.
             "status": "READY" if worker.state == WorkerState.READY else "UNLOADING",
+            "state": worker.state.value,
             "memoryUsage": rss_bytes(worker.pid) if worker.pid and worker.state == WorkerState.READY else 0,
             "pid": worker.pid or -1,
             "gpu": worker.gpu_id is not None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,8 @@ from .settings import (
 )
 from .status import VersionStatus
 from .version import ModelVersion, Observer
+
+log = logging.getLogger("marserve.registry")
 
 __all__ = ["SERVER_VERSION", "ModelRegistry", "RegisterRequest", "check_name"]
 
@@ -240,6 +243,10 @@ class ModelRegistry:
         if entry is None:
             entry = self._models[name] = _Model({}, version)
         entry.versions[version] = _Registered(model, request)
+        log.info(
+            "model %s version %s registered from %s (handler %s, batch_size %d, max_batch_delay %d ms, %d workers)",
+            name, version, model.url, model.handler, model.settings.batch_size, model.settings.max_batch_delay, workers,
+        )  # fmt: skip
         # Workers are added before the first await, so an unregister meanwhile stops them too.
         slots = model.start_workers(workers) if workers > 0 else []
         await self._changed()
@@ -252,6 +259,7 @@ class ModelRegistry:
             return 202, "Processing worker updates..."
         failure = await first_failure(slots)
         if failure is not None:
+            log.error("model %s version %s unregistered again: its workers failed to start: %s", name, version, failure.message)
             await self._remove(model)
             raise WorkerError(
                 f"Failed to start workers for model {name} version: {version}: {failure.message}",
@@ -277,6 +285,7 @@ class ModelRegistry:
             self._check_total("min_worker", min_worker, min_worker - live)
         registered = self._models[name].versions[model.version]
         registered.request = replace(registered.request, initial_workers=min_worker)
+        log.info("model %s version %s scaled: min_worker %d, max_worker %d (%d live)", name, model.version, min_worker, max_worker, live)
         added = await model.scale(min_worker, max_worker, synchronous)
         await self._changed()
         if not synchronous:
@@ -300,6 +309,7 @@ class ModelRegistry:
         del entry.versions[model.version]
         if not entry.versions:
             del self._models[name]
+        log.info("model %s version %s unregistered; its queue drains, then its workers stop", name, model.version)
         await self._changed()
         # New requests already get 404; the ones queued or in flight finish first.
         drained = await model.drain(self.config.unregister_model_timeout)
@@ -331,6 +341,7 @@ class ModelRegistry:
             # TorchServe words this one case differently (no colons).
             raise ModelVersionNotFound(name, version, f"Model version {version} does not exist for model {name}")
         entry.default = version
+        log.info("model %s: default version is now %s", name, version)
         await self._changed()
         return f'Default version successfully updated for model "{name}" to "{version}"'
 

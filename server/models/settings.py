@@ -72,7 +72,11 @@ def resolve_settings(
         batch_size=pick(request.batch_size, yaml.batchSize, "batchSize", 1),
         max_batch_delay=_batch_delay(request.max_batch_delay, yaml.maxBatchDelay, models_json.get("maxBatchDelay")),
         response_timeout=pick(request.response_timeout, yaml.responseTimeout, "responseTimeout", config.default_response_timeout),
-        startup_timeout=pick(request.startup_timeout, yaml.startupTimeout, "startupTimeout", config.default_startup_timeout),
+        # 0 is a limit here, not "unset": the registration then fails, as in TorchServe.
+        startup_timeout=next(
+            (value for value in (request.startup_timeout, yaml.startupTimeout, models_json.get("startupTimeout")) if value is not None),
+            config.default_startup_timeout,
+        ),
         min_workers=min_workers,
         max_workers=max_workers,
         job_queue_size=yaml.jobQueueSize or config.job_queue_size,

@@ -14,6 +14,7 @@ class WorkerState(StrEnum):
     READY = "READY"
     RESTARTING = "RESTARTING"
     FAILED = "FAILED"
+    STOPPING = "STOPPING"  # asked to stop: finishing its batch in hand, or being stopped
     STOPPED = "STOPPED"
 
 

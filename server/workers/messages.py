@@ -95,10 +95,14 @@ class Result:
     handler_ms: float | None = None  # the handler's whole turn, decoding and encoding included
     prediction_ms: float | None = None  # the entry point's call, when it succeeded
     metrics: list[Metric] | None = None  # what the handler recorded since the last Result
+    error_type: str | None = None  # a failed batch's error type, when the handler named one
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Result:
         responses = [
             Response(r["status"], r["phrase"], r["content_type"], r["headers"], r["size"]) for r in meta["responses"]
         ]
-        return cls(meta["code"], meta["message"], responses, meta["handler_ms"], meta["prediction_ms"], meta["metrics"])
+        return cls(
+            meta["code"], meta["message"], responses, meta["handler_ms"], meta["prediction_ms"], meta["metrics"],
+            meta["error_type"],
+        )  # fmt: skip

@@ -92,15 +92,33 @@ class WorkerProcess:
         self.started_at = time.time()
         self._exited: asyncio.Future[int] | None = None
         self._channel: WorkerChannel | None = None
+        self.last_output = ""  # the last non-empty line the worker wrote
         self._log_task: asyncio.Task[None] | None = None
+
+    def exit_description(self) -> str:
+        """How the process ended, for the server log: its exit code or signal, and its last line
+        of output, which usually says why (an import error, a traceback's last line)."""
+        code = self.returncode
+        if code is None:
+            how = "is still running"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"{how}; its last output: {self.last_output}" if self.last_output else how
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
     async def start(self, timeout: float) -> None:
-        """Spawn the process and load the model; raises WorkerError on any failure."""
+        """Spawn the process and load the model within ``timeout`` seconds of now (startup_timeout,
+        a hard limit); raises WorkerError on any failure."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         ours, theirs = socket.socketpair()
         env = dict(self.env)
         # Set before torch is imported, so N workers share the cores instead of each taking all.
@@ -136,13 +154,18 @@ class WorkerProcess:
             self.kill()
             raise WorkerError(f"cannot connect to the worker process: {exc}") from None
         try:
-            kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, self.load)), timeout)
+            remaining = max(0.0, deadline - loop.time())
+            kind, meta, _ = await asyncio.wait_for(self._channel.exchange(protocol.encode(protocol.LOAD, self.load)), remaining)
         except TimeoutError:
             self.kill()
             raise WorkerError(f"model load timed out after {timeout:g} s") from None
         except ConnectionError:
+            # Its exit status and last output say why (a crash, an import error before the load).
+            await self.wait_exit(2)
+            if self._log_task is not None:
+                await asyncio.wait({self._log_task}, timeout=1)
             self.kill()
-            raise WorkerError("worker exited while loading the model") from None
+            raise WorkerError(f"worker exited while loading the model: it {self.exit_description()}") from None
         loaded = Loaded.from_meta(meta) if kind == protocol.LOADED else Loaded(500, "load failed")
         if loaded.code != 200:
             self.kill()
@@ -185,7 +208,7 @@ class WorkerProcess:
             raise WorkerDied
         result = Result.from_meta(meta)
         if result.code != 200:
-            raise WorkerError(result.message, result.code, result.metrics or ())
+            raise WorkerError(result.message, result.code, result.metrics or (), result.error_type)
         bodies = protocol.split(blob, [r.size for r in result.responses])
         replies = [
             Reply(r.status, r.phrase, r.content_type, [(k, v) for k, v in r.headers], bytes(body))
@@ -248,7 +271,10 @@ class WorkerProcess:
                     continue
                 if not line:
                     break
-                model_log.info("[%s] %s", self.worker_id, line.decode(errors="replace").rstrip())
+                text = line.decode(errors="replace").rstrip()
+                model_log.info("[%s] %s", self.worker_id, text)
+                if text:
+                    self.last_output = text
         finally:
             transport.close()
 

@@ -79,7 +79,8 @@ class WorkerSlot:
         process = self.process
         pid = process.pid if process is not None else None
         started_at = process.started_at if process is not None else 0.0
-        return WorkerStatus(self.id, self.status, pid, started_at, self.gpu_id)
+        state = WorkerState.STOPPING if self.stopping and self.status != WorkerState.STOPPED else self.status
+        return WorkerStatus(self.id, state, pid, started_at, self.gpu_id)
 
 
 class Supervisor:
@@ -237,6 +238,7 @@ class Supervisor:
                     process = self._spawn(slot.id, replace(self._load, gpu_id=slot.gpu_id), self._env, threads)
                     slot.process = process
                     started = time.perf_counter()
+                    log.info("worker %s of %s:%s starting", slot.id, self.name, self.version)
                     await self._start(process)
             except WorkerError as exc:
                 log.error("worker %s of %s:%s failed to load: %s", slot.id, self.name, self.version, exc.message)
@@ -248,6 +250,10 @@ class Supervisor:
                 continue
             slot.load_time_ms = (time.perf_counter() - started) * 1000
             slot.status = WorkerState.READY
+            log.info(
+                "worker %s of %s:%s ready (pid %s, model loaded in %.2f s)",
+                slot.id, self.name, self.version, process.pid, slot.load_time_ms / 1000,
+            )  # fmt: skip
             failures = 0
             if not slot.first_load.done():
                 slot.first_load.set_result(None)
@@ -256,13 +262,16 @@ class Supervisor:
             if slot.stopping:
                 await process.stop()
                 break
-            log.warning("worker %s of %s:%s died; restarting", slot.id, self.name, self.version)
             slot.status = WorkerState.RESTARTING
             # The serve loop can end on a broken socket while the process lives on; no orphan
             # may outlast its slot.
             process.kill()
             await process.wait_exit(10)
             failures += 1
+            log.warning(
+                "worker %s of %s:%s died: it %s; restarting in %g s",
+                slot.id, self.name, self.version, process.exit_description(), backoff(failures),
+            )  # fmt: skip
             await asyncio.sleep(backoff(failures))
 
     async def _start(self, process: WorkerProcess) -> None:

@@ -61,3 +61,37 @@ def test_multipart_upload_predicts_the_true_label(served: Server, sample: Path) 
     )
     assert response.status_code == 200, response.text
     assert next(iter(response.json())) == sample.stem.removeprefix("digit_")
+
+
+def test_explanations_are_integrated_gradients_with_captum(served: Server) -> None:
+    response = served.http.post(f"{served.inference}/explanations/mnist", content=SAMPLES[3].read_bytes())
+    assert response.status_code == 200, response.text
+    # One attribution per input pixel: 1 channel of 8x8, as the model sees the image.
+    attributions = response.json()
+    assert len(attributions) == 1 and len(attributions[0]) == 8 and all(len(row) == 8 for row in attributions[0])
+
+
+def test_explanations_without_captum_say_what_is_missing(start_server: ServerFactory, tmp_path: Path) -> None:
+    # A captum that cannot be imported, ahead of the installed one on the workers' path.
+    shadow = tmp_path / "shadow" / "captum"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('captum is not here')\n")
+    server = start_server(env={"PYTHONPATH": str(shadow.parent)}, name="nocaptum")
+    archiver = Path(sys.executable).parent / "model-archiver"
+    subprocess.run(
+        [
+            str(archiver), "--model-name", "mnist", "--version", "1.0",
+            "--model-file", str(DIGITS / "model.py"), "--serialized-file", str(DIGITS / "digits.pt"),
+            "--handler", str(DIGITS / "digits_handler.py"), "--extra-files", str(DIGITS / "index_to_name.json"),
+            "--export-path", str(server.store),
+        ],
+        check=True,
+    )  # fmt: skip
+    assert server.register("mnist.mar").status_code == 200
+    response = server.http.post(f"{server.inference}/explanations/mnist", content=SAMPLES[3].read_bytes())
+    assert response.status_code == 501
+    body = response.json()
+    assert body["type"] == "MissingDependencyException"
+    assert "captum" in body["message"] and "marserve[explain]" in body["message"]
+    # Predictions are not affected.
+    assert server.http.post(f"{server.inference}/predictions/mnist", content=SAMPLES[3].read_bytes()).status_code == 200

@@ -63,7 +63,7 @@ OUT_OF_RANGE = [
     ("response_timeout", -1, RESPONSE_TIMEOUT),
     ("response_timeout", 0, RESPONSE_TIMEOUT),
     ("response_timeout", 3601, RESPONSE_TIMEOUT),
-    ("startup_timeout", 0, STARTUP_TIMEOUT),
+    ("startup_timeout", -1, STARTUP_TIMEOUT),
     ("startup_timeout", BIG, STARTUP_TIMEOUT),
     ("initial_workers", -1, Range(0, 2)),
 ]
@@ -127,7 +127,7 @@ def test_scale_refuses_counts_outside_the_range(server: Server) -> None:
         ("batchSize: 100000", "batchSize in model YAML: 100000 (expected an integer from 1 to 1024, or 0 for not set)"),
         ("maxBatchDelay: 1000000000000", "maxBatchDelay in model YAML: 1000000000000 (expected an integer from 0 to 10000)"),
         ("responseTimeout: 100000", "responseTimeout in model YAML: 100000 (expected an integer from 1 to 3600)"),
-        ("startupTimeout: 0", "startupTimeout in model YAML: 0 (expected an integer from 1 to 3600)"),
+        ("startupTimeout: -1", "startupTimeout in model YAML: -1 (expected an integer from 0 to 3600)"),
         ("jobQueueSize: 1000001", "jobQueueSize in model YAML: 1000001 (expected an integer from 1 to 100000)"),
         ("maxWorkers: 5000", "maxWorkers in model YAML: 5000 (expected an integer from 0 to 4096)"),
         ("deviceIds: [0, 5000]", "deviceIds.1 in model YAML: 5000 (expected an integer from 0 to 1023)"),

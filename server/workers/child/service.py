@@ -126,7 +126,8 @@ class Service:
             parts, responses = self._encode(outputs)
         except WorkerError as exc:
             # Failed batches carry their metrics too: counters recorded before the failure count.
-            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics)), []
+            error_type = exc.type_name if exc.type_name != WorkerError.type_name else None
+            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
         handler_ms = (time.perf_counter() - started) * 1000
         return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
 
@@ -134,7 +135,7 @@ class Service:
         try:
             return self.entry(data, self.context)
         except PredictionException as exc:
-            raise WorkerError(exc.message, exc.error_code) from None
+            raise WorkerError(exc.message, exc.error_code, type_name=exc.type_name) from None
         except MemoryError:
             raise WorkerError("Out of resources", 507) from None
         except Exception as exc:  # noqa: BLE001 - any handler failure fails its batch, never the worker
