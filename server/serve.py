@@ -58,7 +58,7 @@ def _listeners(
             tls = tls_context(config.certificate_file, config.private_key_file)
         door = Door(
             router, policy, config.request_read_timeout, config.request_head_timeout, config.min_request_body_rate,
-            max_connections,
+            max_connections, stream_buffer=config.max_response_size,
         )  # fmt: skip
         return Listener(api, address, door, tls)
 

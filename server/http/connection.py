@@ -41,7 +41,7 @@ import httptools
 from ..errors import BadRequest, ServerError
 from .policy import RequestPolicy
 from .request import Request
-from .responses import Answer, Response, head, torchserve_error
+from .responses import Answer, Response, Streamed, head, torchserve_error
 from .routing import Route, Router
 
 log = logging.getLogger("marserve.http")
@@ -68,6 +68,8 @@ class Door:
     head_timeout: float
     min_body_rate: int  # bytes a second; 0: no minimum
     max_connections: int
+    #: Bytes of a streamed answer that may wait for a slow reader; past them the stream is cut.
+    stream_buffer: int = 6553500
     keep_alive: float = KEEP_ALIVE_SECONDS
     #: Open connections, oldest first (a dict keeps the order a set would not).
     connections: dict[HttpConnection, None] = field(default_factory=dict)
@@ -96,6 +98,61 @@ class Door:
             give_back_memory()
 
 
+class _StreamWriter:
+    """Writes one streamed answer's pieces to its connection (the ``PieceSink`` it attaches to)."""
+
+    __slots__ = ("connection", "exchange", "answer", "chunked", "done")
+
+    def __init__(self, connection: HttpConnection, exchange: _Exchange, answer: Streamed, chunked: bool) -> None:
+        self.connection = connection
+        self.exchange = exchange
+        self.answer = answer
+        self.chunked = chunked
+        self.done = False
+
+    def piece(self, data: bytes) -> None:
+        transport = self.connection.transport
+        if self.done or not data or transport is None or transport.is_closing():
+            return
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        if transport.get_write_buffer_size() > self.connection.door.stream_buffer:
+            # The client reads slower than the answer is made: rather than hold all of it, the
+            # stream is cut, and its producer told to stop.
+            log.warning(
+                "streamed answer to %s cut: more than %d bytes waited for the client to read them",
+                self.connection.client, self.connection.door.stream_buffer,
+            )  # fmt: skip
+            self.abandon()
+            transport.close()
+
+    def end(self, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        connection = self.connection
+        transport = connection.transport
+        if transport is not None and not transport.is_closing():
+            if error is not None:
+                # No terminating chunk: the client can tell the stream broke (and a 1.0 client
+                # sees the connection close early, which is the most HTTP/1.0 can say).
+                log.warning("streamed answer to %s broke: %s", connection.client, error)
+                transport.close()
+            else:
+                if self.chunked:
+                    transport.write(b"0\r\n\r\n")
+                if connection._closing:
+                    transport.close()
+        connection._stream_ended(self.exchange, self.answer.status if error is None else 500)
+
+    def abandon(self) -> None:
+        """Nobody reads the rest: the producer stops, and the request counts as left (499)."""
+        if self.done:
+            return
+        self.done = True
+        self.answer.cancel()
+        self.connection._stream_ended(self.exchange, 499)
+
+
 # Connections at once past which their going away gives memory back to the system.
 _TRIM_AFTER = 1000
 
@@ -116,7 +173,10 @@ class _Exchange(Request):
     """One request on this connection, from its head to its answer: the request its route sees,
     and where the connection is with it."""
 
-    __slots__ = ("route", "refusal", "chunks", "size", "body_seen", "complete", "started", "answered", "pending")
+    __slots__ = (
+        "route", "refusal", "chunks", "size", "body_seen", "complete", "started", "answered", "pending", "http10",
+        "stream",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -141,6 +201,8 @@ class _Exchange(Request):
         self.started = False
         self.answered = False
         self.pending: asyncio.Future[Any] | None = None
+        self.http10 = False
+        self.stream: _StreamWriter | None = None  # while a streamed answer is being written
 
 
 class HttpConnection(asyncio.Protocol):
@@ -311,9 +373,11 @@ class HttpConnection(asyncio.Protocol):
         method = parser.get_method().decode("ascii")
         door = self.door
         policy = door.policy
-        keep_alive = parser.should_keep_alive() and parser.get_http_version() != "1.0"
+        http10 = parser.get_http_version() == "1.0"
+        keep_alive = parser.should_keep_alive() and not http10
         route, params = door.router.match(method, path)
         exchange = _Exchange(method, path, url.query or b"", headers, self.client, policy.request_id(), keep_alive, route, params)
+        exchange.http10 = http10
         exchange.refusal = policy.check_head(route.key, headers)
         self._receiving = exchange
         self._queue.append(exchange)
@@ -432,14 +496,51 @@ class HttpConnection(asyncio.Protocol):
             answer = Response(answer.status, answer.body, answer.content_type, headers, answer.phrase)
         self._answer(exchange, answer)
 
-    def _answer(self, exchange: _Exchange, answer: Answer) -> None:
+    def _answer(self, exchange: _Exchange, answer: Answer | Streamed) -> None:
         policy = self.door.policy
         try:
             lines = head(answer, policy.headers, policy.header_lines, exchange.request_id)
         except ValueError as exc:
+            if getattr(answer, "attach", None) is not None:
+                answer.cancel()  # type: ignore[union-attr]
             self._answer_error(exchange, ServerError(f"The handler set an invalid {exc}"))
             return
-        self._send(exchange, answer.status, lines, answer.body)
+        if getattr(answer, "attach", None) is not None:
+            self._stream(exchange, answer, lines)  # type: ignore[arg-type]
+            return
+        self._send(exchange, answer.status, lines, answer.body)  # type: ignore[union-attr]
+
+    def _stream(self, exchange: _Exchange, answer: Streamed, lines: bytes) -> None:
+        """Write a streamed answer's head now and its pieces as they come: chunked, or for an
+        HTTP/1.0 client as plain bytes ended by closing the connection. The next pipelined
+        request waits until the stream ends."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or exchange.method == "HEAD":
+            if transport is not None and not transport.is_closing():
+                transport.write(lines + self.door.policy.date_line() + b"transfer-encoding: chunked\r\n\r\n")
+            answer.cancel()
+            self._stream_ended(exchange, answer.status)
+            return
+        chunked = not exchange.http10
+        framing = b"transfer-encoding: chunked\r\n" if chunked else b""
+        close = not chunked or not exchange.keep_alive or self._closing or self.door.closing
+        transport.write(
+            lines + self.door.policy.date_line() + framing + (b"connection: close\r\n\r\n" if close else b"\r\n")
+        )
+        if close:
+            self._closing = True
+        exchange.stream = _StreamWriter(self, exchange, answer, chunked)
+        answer.attach(exchange.stream)
+
+    def _stream_ended(self, exchange: _Exchange, status: int) -> None:
+        exchange.stream = None
+        if exchange.answered:
+            return
+        exchange.answered = True
+        self._finished(exchange, status)
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        self._advance()
 
     def _send(self, exchange: _Exchange, status: int, lines: bytes, body: bytes) -> None:
         if exchange.answered:
@@ -477,6 +578,9 @@ class HttpConnection(asyncio.Protocol):
     def _client_gone(self, exchange: _Exchange) -> None:
         """The connection closed before ``exchange`` was answered."""
         if exchange.answered:
+            return
+        if exchange.stream is not None:
+            exchange.stream.abandon()
             return
         pending = exchange.pending
         if pending is None:

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from ..errors import ServerError
 
 
-class Answer(Protocol):
-    """A response as a route hands it to the connection."""
+class Head(Protocol):
+    """What a response's head is made of."""
 
     @property
     def status(self) -> int: ...
@@ -28,8 +28,33 @@ class Answer(Protocol):
     def content_type(self) -> str | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, str]]: ...
+
+
+class Answer(Head, Protocol):
+    """A response as a route hands it to the connection."""
+
     @property
     def body(self) -> bytes: ...
+
+
+class PieceSink(Protocol):
+    """Where a streamed answer's pieces go: the connection writes each as it comes."""
+
+    def piece(self, data: bytes) -> None: ...
+
+    def end(self, error: str | None = None) -> None:
+        """The stream is complete, or broke (``error``: why, for the log)."""
+
+
+class Streamed(Head, Protocol):
+    """An answer whose body comes in pieces (a generative model's tokens, say): the status and
+    headers go out with the first piece, then each piece as it is produced."""
+
+    def attach(self, sink: PieceSink) -> None:
+        """Start sending pieces to ``sink``: those produced so far at once, then the rest."""
+
+    def cancel(self) -> None:
+        """Nobody will read the rest (the client left, or reads too slowly): stop producing."""
 
 
 @dataclass(slots=True)
@@ -112,7 +137,7 @@ def status_line(status: int, phrase: str = "") -> bytes:
     return line
 
 
-def head(answer: Answer, own: Sequence[tuple[str, str]], own_lines: bytes, request_id: str) -> bytes:
+def head(answer: Head, own: Sequence[tuple[str, str]], own_lines: bytes, request_id: str) -> bytes:
     """The status line and headers of ``answer``: the server's own headers (``own``, rendered as
     ``own_lines``), the request id, and the answer's, minus framing. ValueError if the route set
     something that is not HTTP.

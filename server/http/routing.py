@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from ..errors import MethodNotAllowed, NotFound, ServerError
 from .request import Request
-from .responses import Answer, ErrorRenderer, torchserve_error
+from .responses import Answer, ErrorRenderer, Streamed, torchserve_error
 
-Handler = Callable[[Request], Answer | Awaitable[Answer]]
+Handler = Callable[[Request], Answer | Streamed | Awaitable[Answer | Streamed]]
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,7 @@ from server.http.connection import Door
 from server.http.listener import Listener
 from server.http.policy import RequestPolicy
 from server.http.request import Request
-from server.http.responses import Answer, Response, json_response
+from server.http.responses import Answer, PieceSink, Response, json_response
 from server.http.routing import Route, Router, methods
 from tests.conftest import free_port
 
@@ -49,6 +49,37 @@ def plain_error(error: ServerError) -> Answer:
     return Response(error.status_code, f"error: {error.message}".encode(), "text/plain")
 
 
+class Pieces:
+    """A streamed answer whose pieces a timer makes: ``n`` pieces of ``size`` bytes."""
+
+    status, phrase, content_type = 200, "", "text/plain"
+    headers = (("x-stream", "yes"),)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, size: int, every: float, fail: bool) -> None:
+        self.loop, self.left, self.size, self.every, self.fail = loop, n, size, every, fail
+        self.sink: PieceSink | None = None
+        self.sent = 0
+        self.cancelled = False
+
+    def attach(self, sink: PieceSink) -> None:
+        self.sink = sink
+        self.loop.call_soon(self._next)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _next(self) -> None:
+        if self.cancelled or self.sink is None:
+            return
+        if self.left == 0:
+            self.sink.end("the producer died" if self.fail else None)
+            return
+        self.sink.piece(b"%d" % self.sent + b"." * (self.size - len(b"%d" % self.sent)))
+        self.sent += 1
+        self.left -= 1
+        self.loop.call_later(self.every, self._next)
+
+
 class FrontDoor:
     """A listener on a free port, served by an event loop in a thread."""
 
@@ -61,6 +92,7 @@ class FrontDoor:
         self.log = io.StringIO()
         self.loop = asyncio.new_event_loop()
         self.futures: list[asyncio.Future[Answer]] = []
+        self.streams: list[Pieces] = []
         self.port = free_port()
         policy = RequestPolicy(
             auth=self.auth, max_request_size=LIMIT, metrics=self.counter, access_log=AccessLog(self.log),
@@ -92,12 +124,21 @@ class FrontDoor:
         def broken(request: Request) -> Response:
             raise RuntimeError("a bug")
 
+        def stream(request: Request) -> Pieces:
+            # ?n=pieces&size=bytes&every=seconds&fail=1: pieces made on a timer, as a worker would send them.
+            query = request.query
+            pieces = Pieces(self.loop, int(query.get("n", "3")), int(query.get("size", "5")), float(query.get("every", "0.01")),
+                            fail=query.get("fail") == "1")  # fmt: skip
+            self.streams.append(pieces)
+            return pieces
+
         return [
             Route("/v9/now", now, methods("POST", "GET"), INFERENCE, errors=plain_error),
             Route("/v9/later", later, methods("POST"), INFERENCE, errors=plain_error),
             Route("/v9/slowly", slowly, methods("POST"), INFERENCE, errors=plain_error),
             Route("/v9/broken", broken, methods("GET"), INFERENCE, errors=plain_error),
             Route("/v9/open", now, methods("GET"), None, reads_body=False, errors=plain_error),
+            Route("/v9/stream", stream, methods("GET", "POST"), None, reads_body=False, errors=plain_error),
         ]
 
     def resolve(self, answer: Answer) -> None:
@@ -350,3 +391,72 @@ def _closed(sock: socket.socket) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+# -- streamed answers --------------------------------------------------------------------------
+
+
+def test_a_streamed_answer_is_chunked_piece_by_piece_and_the_connection_stays_usable(door: FrontDoor) -> None:
+    with httpx.Client() as client:
+        with client.stream("GET", f"{door.url}/v9/stream?n=5&size=4") as response:
+            assert response.headers["transfer-encoding"] == "chunked" and response.headers["x-stream"] == "yes"
+            assert "content-length" not in response.headers
+            assert b"".join(response.iter_bytes()) == b"0...1...2...3...4..."
+        assert door.streams[0].sent == 5
+        # Keep-alive: the same connection serves the next request.
+        assert client.get(f"{door.url}/v9/open").status_code == 200
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"GET /v9/stream?n=3&size=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = read_all(sock, b"0\r\n\r\n")
+    assert raw.endswith(b"\r\n\r\n4\r\n0...\r\n4\r\n1...\r\n4\r\n2...\r\n0\r\n\r\n")
+
+
+def test_a_streamed_answer_to_http_1_0_ends_with_the_connection(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"GET /v9/stream?n=3&size=4 HTTP/1.0\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head and b"connection: close" in head
+    assert body == b"0...1...2..."
+
+
+def test_a_broken_stream_has_no_terminating_chunk(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"GET /v9/stream?n=2&size=4&fail=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert raw.endswith(b"4\r\n0...\r\n4\r\n1...\r\n")  # and then the connection closed
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_producer(door: FrontDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        sock.sendall(b"GET /v9/stream?n=1000&size=4&every=0.01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_all(sock, b"4\r\n3...")
+    wait_until(lambda: door.streams[0].cancelled)
+    sent = door.streams[0].sent
+    time.sleep(0.1)
+    assert door.streams[0].sent == sent < 1000
+    door.loop.call_soon_threadsafe(door.listener.door.policy.access_log.flush)
+    wait_until(lambda: '"GET /v9/stream" 499' in door.log.getvalue())
+
+
+def test_a_slow_reader_gets_its_stream_cut_at_the_buffer_bound(tmp_path: Path) -> None:
+    front = FrontDoor(tmp_path, False)
+    front.listener.door.stream_buffer = 256 * 1024
+    try:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(10)
+        reader.connect(("127.0.0.1", front.port))
+        # 200 pieces of 64 KiB, one every millisecond, to a client that reads nothing for now.
+        reader.sendall(b"GET /v9/stream?n=200&size=65536&every=0.001 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: front.streams and front.streams[0].cancelled)
+        # Cut well before the end: the server held at most the bound (plus the kernel's buffers).
+        assert front.streams[0].sent < 200
+        reader.close()
+        assert httpx.get(f"{front.url}/v9/open").status_code == 200
+    finally:
+        front.close()
