@@ -33,6 +33,9 @@ class Job:
     received: float
     dispatched: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # The request envelope the worker applies to this request: "kserve" (KServe v1 routes), "oip"
+    # (Open Inference Protocol routes), None (TorchServe's routes: the model's own setting).
+    envelope: str | None = None
 
 
 class QueueFull(Exception):

@@ -222,6 +222,8 @@ class ModelRegistry:
             decode_input_request=self.config.decode_input_request,
             max_response_size=self.config.max_response_size,
             server_version=SERVER_VERSION,
+            # TorchServe's service_envelope; else (marserve) the one the archive's manifest names.
+            envelope=self.config.service_envelope or sources.manifest_envelope(archive),
         )
         model = ModelVersion(
             name, manifest.version, request.url or "", archive, handler, settings, load, env, self._placement,

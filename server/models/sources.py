@@ -10,6 +10,7 @@ any file the manifest names is read.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from archiver import ArchiveError, ExtractLimits, ModelArchive, open_archive
+from archiver import MANIFEST_PATH, ArchiveError, ExtractLimits, ModelArchive, open_archive
 
 from ..config import ConfigError, ModelYamlConfig, ServerConfig, parse_model_yaml
 from ..errors import ArchiveNotFound, BadRequest, DownloadFailed, InvalidModel
@@ -158,6 +159,30 @@ def read_model_yaml(archive: ModelArchive) -> tuple[ModelYamlConfig, dict[Any, A
         return parse_model_yaml(text)
     except ConfigError as exc:
         raise InvalidModel(f"{config_file}: {exc}") from None
+
+
+#: The envelopes a manifest's ``model.envelope`` may name (TorchServe's, surface §3.7).
+ENVELOPES = ("body", "json", "kserve", "kservev2")
+
+
+def manifest_envelope(archive: ModelArchive) -> str | None:
+    """The archive manifest's ``model.envelope``, for a model ``service_envelope`` does not cover.
+
+    The typed manifest drops keys it does not know, so this reads the file itself (open_archive has
+    confined it to the archive). A value that names no envelope is ignored, with a warning.
+    """
+    path = archive.model_dir / MANIFEST_PATH
+    try:
+        model = json.loads(path.read_bytes()).get("model")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    value = model.get("envelope") if isinstance(model, dict) else None
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value.lower() not in ENVELOPES:
+        log.warning("%s: ignoring model.envelope %r (it must be one of %s)", MANIFEST_PATH, value, ", ".join(ENVELOPES))
+        return None
+    return value.lower()
 
 
 def model_environment(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 from archiver import ModelArchive
 
@@ -13,7 +15,7 @@ from ..workers.placement import Placement
 from ..workers.supervisor import Supervisor, WorkerSlot, no_worker_message
 from .batching import Job, JobQueue, QueueFull
 from .settings import ModelSettings
-from .status import VersionStatus
+from .status import VersionStatus, WorkerState
 
 
 
@@ -53,6 +55,8 @@ class ModelVersion:
         self.handler = handler
         self.loaded_at_startup = loaded_at_startup
         self.queue = JobQueue(settings.job_queue_size)
+        #: The archive's model YAML as the handler gets it (``context.model_yaml_config``), read-only.
+        self.model_yaml_config: Mapping[str, Any] = MappingProxyType(load.model_yaml_config)
         hooks = observer or Observer()
         self.supervisor = Supervisor(
             name, version, settings, self.queue, load, env, placement,
@@ -67,6 +71,11 @@ class ModelVersion:
     @property
     def slots(self) -> list[WorkerSlot]:
         return self.supervisor.slots
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can serve now: at least one worker has its model loaded and is not being stopped."""
+        return any(slot.status == WorkerState.READY and not slot.stopping for slot in self.supervisor.slots)
 
     def submit(self, job: Job, versioned: bool = False) -> None:
         """Queue ``job``; 503 at once when no worker serves this version or its queue is full."""

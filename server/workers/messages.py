@@ -38,6 +38,9 @@ class Load:
     max_response_size: int
     # What handlers see as context.system_properties["server_version"].
     server_version: str
+    # The model's request envelope (body, json, kserve, kservev2): service_envelope, else the
+    # manifest's model.envelope; None: none. Requests that name their own (Request.envelope) use theirs.
+    envelope: str | None = None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Load:
@@ -62,6 +65,9 @@ class Request:
     id: str
     headers: list[tuple[str, str]]
     params: list[Param]  # in the order the handler sees them
+    # The envelope this request is read and answered in: None, the model's (Load.envelope);
+    # "kserve" (KServe v1 routes), "oip" (Open Inference Protocol routes). See child/envelopes.py.
+    envelope: str | None = None
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Predict:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Predict:
-        return cls([Request(r["id"], r["headers"], r["params"]) for r in meta["requests"]])
+        return cls([Request(r["id"], r["headers"], r["params"], r.get("envelope")) for r in meta["requests"]])
 
 
 @dataclass

@@ -197,7 +197,7 @@ class WorkerProcess:
         requests = []
         blobs: list[bytes] = []
         for job in batch:
-            requests.append(Request(job.request_id, job.headers, [(n, t, len(v)) for n, t, v in job.params]))
+            requests.append(Request(job.request_id, job.headers, [(n, t, len(v)) for n, t, v in job.params], job.envelope))
             blobs.extend(value for _, _, value in job.params)
         try:
             kind, meta, blob = await self._channel.exchange(protocol.encode(protocol.PREDICT, Predict(requests), blobs))

@@ -268,11 +268,12 @@ class Supervisor:
             process.kill()
             await process.wait_exit(10)
             failures += 1
+            delay = backoff(failures)
             log.warning(
                 "worker %s of %s:%s died: it %s; restarting in %g s",
-                slot.id, self.name, self.version, process.exit_description(), backoff(failures),
+                slot.id, self.name, self.version, process.exit_description(), delay,
             )  # fmt: skip
-            await asyncio.sleep(backoff(failures))
+            await asyncio.sleep(delay)
 
     async def _start(self, process: WorkerProcess) -> None:
         try:

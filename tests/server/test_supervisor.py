@@ -67,6 +67,9 @@ class FakeProcess:
     async def stop(self, timeout: float = 5.0) -> None:
         self.kill(0)
 
+    def exit_description(self) -> str:
+        return f"exited with code {self.returncode}"
+
     async def wait_exit(self, timeout: float) -> int | None:
         try:
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -142,7 +145,7 @@ def test_backoff_grows_as_fibonacci_up_to_its_cap() -> None:
 
 
 def test_states_are_the_strings_they_always_were() -> None:
-    assert [str(state) for state in WorkerState] == ["STARTING", "READY", "RESTARTING", "FAILED", "STOPPED"]
+    assert [str(state) for state in WorkerState] == ["STARTING", "READY", "RESTARTING", "FAILED", "STOPPING", "STOPPED"]
     assert WorkerState.READY == "READY"
 
 

@@ -62,7 +62,7 @@ def _load(load: Load) -> Service:
         metrics=metrics,
     )
     initialize(context)
-    return Service(entry, context, load.decode_input_request, load.max_response_size)
+    return Service(entry, context, load.decode_input_request, load.max_response_size, load.envelope)
 
 
 def _load_failure(exc: BaseException) -> Loaded:

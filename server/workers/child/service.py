@@ -1,6 +1,8 @@
 """One batch through a handler: decode the inputs, call the entry point, encode the outputs.
 
 The input decoding and the output and error contract are TorchServe's (surface §3.1, §3.2).
+Requests with an envelope (the model's ``service_envelope``, or their own: KServe v1, OIP) take
+another path, ``_handle_enveloped``; see ``envelopes.py``. Requests without one never touch it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import json
 import sys
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -18,12 +21,15 @@ from handlers.context import Context, RequestHeaders, RequestProcessor
 from handlers.errors import PredictionException
 
 from ...errors import WorkerError
+from ...http.responses import Response as HttpResponse
 from ...http.responses import torchserve_error
 from ..frames import Buffer, split
-from ..messages import Metric, Predict, Response, Result
+from ..messages import Metric, Predict, Request, Response, Result
 from .loader import Entry
 
-#: The old name of the error that fails a whole batch (tests/property/test_output_json.py).
+if TYPE_CHECKING:
+    from .envelopes import Call, Envelope
+
 def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
     """TorchServe's per-parameter decoding: JSON parsed, text as str, anything else a bytearray."""
     value = bytearray(raw)
@@ -87,21 +93,34 @@ class Service:
     """A loaded handler and the context it keeps between batches."""
 
     def __init__(
-        self, entry: Entry, context: Context, decode_input_request: bool, max_response_size: int | None = None
-    ) -> None:
+        self, entry: Entry, context: Context, decode_input_request: bool, max_response_size: int | None = None,
+        envelope: str | None = None,
+    ) -> None:  # fmt: skip
         self.entry = entry
         self.context = context
         self.decode = decode_input_request
         self.max_response_size = max_response_size
+        #: The model's envelope (``service_envelope``), for requests that do not name their own.
+        self.envelope: Envelope | None = None
+        #: The envelopes requests may name; made (and numpy imported) by the first such request.
+        self._envelopes: dict[str, Envelope] | None = None
+        if envelope is not None:
+            from .envelopes import configured
+
+            self.envelope = configured(envelope)
 
     def handle(self, predict: Predict, blob: memoryview) -> tuple[Result, list[Buffer]]:
         """One batch: its Result and the response bodies, in order."""
         requests = predict.requests
+        if self.envelope is not None:
+            return self._handle_enveloped(requests, blob)
         sizes = [size for request in requests for _, _, size in request.params]
         values = iter(split(blob, sizes))
         data: list[dict[str, Any]] = []
         processors: list[RequestProcessor] = []
         for request in requests:
+            if request.envelope is not None:
+                return self._handle_enveloped(requests, blob)  # reads the batch afresh
             headers = RequestHeaders(request.headers)
             row = {}
             for name, content_type, _ in request.params:
@@ -156,32 +175,249 @@ class Service:
     def _encode(self, outputs: list[Any]) -> tuple[list[Buffer], list[Response]]:
         parts: list[Buffer] = []
         responses: list[Response] = []
+        processors = self.context.request_processor
         for idx, output in enumerate(outputs):
             body, implied_type = encode_output(output)
-            processor = self.context.request_processor[idx]
-            content_type = implied_type
-            headers = []
-            for key, value in processor.get_response_headers().items():
-                if str(key).lower() == "content-type":
-                    content_type = str(value)
-                else:
-                    headers.append((str(key), str(value)))
-            status, phrase = processor.get_response_status_code(), processor.get_response_status_phrase() or ""
-            if self.max_response_size is not None and len(body) > self.max_response_size:
-                # Never shipped: this one request gets the error in its place (TorchServe kills the
-                # worker and answers "Worker died."); the rest of the batch and the worker carry on.
-                print(
-                    f"response to request {(self.context.request_ids or {}).get(idx)} is {len(body)} bytes, "
-                    f"over max_response_size ({self.max_response_size}); not sent",
-                    file=sys.stderr,
-                )
-                error = torchserve_error(
-                    WorkerError(f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})")
-                )
-                body, status, phrase, content_type, headers = error.body, error.status, "", error.content_type, []
-            parts.append(body)
-            responses.append(Response(status, phrase, content_type, headers, len(body)))
+            self._respond(parts, responses, body, implied_type, processors[idx], idx)
         return parts, responses
+
+    def _respond(
+        self, parts: list[Buffer], responses: list[Response], body: Buffer, content_type: str | None,
+        processor: RequestProcessor, idx: int, own: list[tuple[str, str]] | None = None,
+    ) -> None:  # fmt: skip
+        """Add one request's response: the handler's status and headers for it, and its content
+        type unless ``own`` is given (the headers of a response an envelope wrote, its type fixed)."""
+        headers = []
+        for key, value in processor.get_response_headers().items():
+            if str(key).lower() == "content-type":
+                if own is None:
+                    content_type = str(value)
+            else:
+                headers.append((str(key), str(value)))
+        if own:
+            headers.extend(own)
+        status, phrase = processor.get_response_status_code(), processor.get_response_status_phrase() or ""
+        if self.max_response_size is not None and len(body) > self.max_response_size:
+            # Never shipped: this one request gets the error in its place (TorchServe kills the
+            # worker and answers "Worker died."); the rest of the batch and the worker carry on.
+            print(
+                f"response to request {(self.context.request_ids or {}).get(idx)} is {len(body)} bytes, "
+                f"over max_response_size ({self.max_response_size}); not sent",
+                file=sys.stderr,
+            )
+            error = torchserve_error(
+                WorkerError(f"Response of {len(body)} bytes exceeds max_response_size ({self.max_response_size})")
+            )
+            body, status, phrase, content_type, headers = error.body, error.status, "", error.content_type, []
+        parts.append(body)
+        responses.append(Response(status, phrase, content_type, headers, len(body)))
+
+    # -- envelopes --------------------------------------------------------------------------------
+
+    def _handle_enveloped(self, requests: list[Request], blob: memoryview) -> tuple[Result, list[Buffer]]:
+        """A batch with envelopes: each request is expanded into handler rows by its envelope, the
+        handler runs once on all rows, and each request is answered from its own rows' outputs.
+
+        The handler's context has one entry per row (``request_ids``, ``request_processor``), so a
+        handler that answers row ``i`` (``set_response_status(..., idx=i)``) answers its request. A
+        batch of one request is handed to its envelope whole: exactly TorchServe's envelope.
+        """
+        context = self.context
+        metrics = context.metrics
+        started = time.perf_counter()
+        try:
+            plans, data, n_rows = self._expand(requests, blob)
+            prediction_ms: float | None = None
+            results: Any = []
+            if any(plan.refusal is None for plan in plans) and (len(plans) == 1 or n_rows):
+                context.request_ids = {i: plan.call.request_id for plan in plans for i in plan.rows}
+                context.request_processor = [processor for plan in plans for processor in plan.processors]
+                if metrics is not None:
+                    metrics.request_ids = context.request_ids
+                called = time.perf_counter()
+                results = self._call(data)
+                if len(plans) > 1:
+                    self._check(results, n_rows)
+                prediction_ms = (time.perf_counter() - called) * 1000
+            parts: list[Buffer] = []
+            responses: list[Response] = []
+            for idx, plan in enumerate(plans):
+                self._reply(plan, results, len(plans) == 1, parts, responses, idx)
+        except WorkerError as exc:
+            error_type = exc.type_name if exc.type_name != WorkerError.type_name else None
+            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
+        handler_ms = (time.perf_counter() - started) * 1000
+        return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+
+    def _named(self, name: str) -> Envelope | None:
+        if self._envelopes is None:
+            from .envelopes import per_request
+
+            self._envelopes = per_request(self.context.model_yaml_config)
+        return self._envelopes.get(name)
+
+    def _expand(self, requests: list[Request], blob: memoryview) -> tuple[list[_Plan], Any, int]:
+        """Each request's plan, the handler's data, and the number of rows in it."""
+        from .envelopes import Call, EnvelopeError
+
+        single = len(requests) == 1
+        values = iter(split(blob, [size for request in requests for _, _, size in request.params]))
+        plans: list[_Plan] = []
+        rows: list[Any] = []
+        data: Any = rows
+        for request in requests:
+            envelope = self.envelope if request.envelope is None else self._named(request.envelope)
+            raw = envelope is not None and envelope.raw
+            headers = RequestHeaders(request.headers)
+            row = {}
+            for name, content_type, _ in request.params:
+                value = next(values)
+                row[name] = value if raw else decode_value(value, content_type, self.decode)
+                headers[name] = {"content-type": content_type}
+            plan = _Plan(Call(request.id, headers, self.context), envelope)
+            plans.append(plan)
+            if envelope is None and request.envelope is not None:
+                print(f"request {request.id} names an unknown envelope {request.envelope!r}", file=sys.stderr)
+                plan.refusal = torchserve_error(WorkerError(f"Unknown request envelope {request.envelope}"))
+                continue
+            parsed: Any = [row]
+            if envelope is not None:
+                try:
+                    parsed, plan.state = envelope.parse(row, plan.call)
+                except EnvelopeError as exc:
+                    plan.refusal = _kserve_error(exc.status, exc.message)
+                    continue
+                except Exception:  # noqa: BLE001 - TorchServe's envelopes fail like the handler they wrap
+                    traceback.print_exc()
+                    if single:
+                        raise WorkerError("Prediction failed", 503) from None
+                    plan.refusal = torchserve_error(WorkerError("Prediction failed", 503))
+                    continue
+                if not single and not isinstance(parsed, list):
+                    print(f"envelope {envelope.name} read request {request.id} as {type(parsed).__name__}, not rows",
+                          file=sys.stderr)  # fmt: skip
+                    plan.refusal = torchserve_error(WorkerError("Prediction failed", 503))
+                    continue
+            if single:
+                # TorchServe's envelope hands the handler whatever it read, list or not.
+                data = parsed
+                count = len(parsed) if isinstance(parsed, list) and parsed else 1
+            else:
+                plan.start = len(rows)
+                rows.extend(parsed)
+                count = len(parsed)
+            first = len(plans) - 1 if single else plan.start
+            plan.rows = range(first, first + count)
+            plan.processors = [RequestProcessor(headers) for _ in plan.rows]
+        return plans, data, len(rows)
+
+    def _reply(
+        self, plan: _Plan, results: Any, single: bool, parts: list[Buffer], responses: list[Response], idx: int
+    ) -> None:
+        """Answer one request of an enveloped batch from the handler's ``results``."""
+        from .envelopes import EnvelopeError, Formatted
+
+        if plan.refusal is not None:
+            refusal = plan.refusal
+            parts.append(refusal.body)
+            responses.append(Response(refusal.status, "", refusal.content_type, [], len(refusal.body)))
+            return
+        envelope = plan.envelope
+        outputs = results if single else results[plan.start : plan.start + len(plan.rows)]
+        processor = _merged(plan.processors)
+        if envelope is None:
+            if single:
+                self._check(outputs, 1)
+            body, implied_type = encode_output(outputs[0])
+            self._respond(parts, responses, body, implied_type, processor, idx)
+            return
+        if envelope.strict:
+            failure = _failure(plan.processors, outputs)
+            if failure is not None:
+                # The handler failed one of this request's rows: the protocol's error, not a half answer.
+                refusal = _kserve_error(*failure)
+                parts.append(refusal.body)
+                responses.append(Response(refusal.status, "", refusal.content_type, [], len(refusal.body)))
+                return
+            try:
+                formatted = envelope.format(outputs, plan.state, plan.call)
+            except EnvelopeError as exc:
+                refusal = _kserve_error(exc.status, exc.message)
+                parts.append(refusal.body)
+                responses.append(Response(exc.status, "", refusal.content_type, [], len(refusal.body)))
+                return
+            if isinstance(formatted, Formatted):
+                self._respond(parts, responses, formatted.body, formatted.content_type, processor, idx, formatted.headers)
+                return
+            entries = formatted
+        else:
+            entries = outputs
+            # TorchServe formats only a truthy answer; anything else goes to the output checks as it is.
+            if outputs or not single:
+                try:
+                    entries = envelope.format(outputs, plan.state, plan.call)
+                except Exception:  # noqa: BLE001 - as the handler's own failure
+                    traceback.print_exc()
+                    if single:
+                        raise WorkerError("Prediction failed", 503) from None
+                    refusal = torchserve_error(WorkerError("Prediction failed", 503))
+                    parts.append(refusal.body)
+                    responses.append(Response(refusal.status, "", refusal.content_type, [], len(refusal.body)))
+                    return
+        self._check(entries, 1)
+        body, implied_type = encode_output(entries[0])
+        self._respond(parts, responses, body, implied_type, processor, idx)
+
+
+@dataclass
+class _Plan:
+    """One request of an enveloped batch."""
+
+    call: Call
+    envelope: Envelope | None
+    state: Any = None  # what the envelope read, for its format
+    start: int = 0  # where its rows start in the handler's data
+    rows: range = range(0)  # its indexes in the handler's context
+    processors: list[RequestProcessor] = field(default_factory=list)  # one per row
+    refusal: HttpResponse | None = None  # its answer, when it never reaches the handler
+
+
+def _merged(processors: list[RequestProcessor]) -> RequestProcessor:
+    """A request's status and headers from its rows': the first failure, else the first row's; all headers."""
+    if len(processors) == 1:
+        return processors[0]
+    merged = RequestProcessor({})
+    failed = next((p for p in processors if p.get_response_status_code() != 200), None)
+    chosen = failed or (processors[0] if processors else None)
+    if chosen is not None:
+        merged.report_status(chosen.get_response_status_code(), chosen.get_response_status_phrase())
+    for processor in processors:
+        for key, value in processor.get_response_headers().items():
+            merged.add_response_property(key, value)
+    return merged
+
+
+def _failure(processors: list[RequestProcessor], outputs: Any) -> tuple[int, str] | None:
+    """The status and message of the first of a request's rows the handler failed (status >= 400)."""
+    for i, processor in enumerate(processors):
+        status = processor.get_response_status_code()
+        if status < 400:
+            continue
+        message = processor.get_response_status_phrase()
+        if not message:
+            # marserve's handlers answer a failed row {"code", "type", "message"}; others may say it in text.
+            output = outputs[i] if isinstance(outputs, list) and i < len(outputs) else None
+            if isinstance(output, dict) and isinstance(output.get("message"), str):
+                message = output["message"]
+            elif isinstance(output, str):
+                message = output
+        return status, message or f"the handler answered {status}"
+    return None
+
+
+def _kserve_error(status: int, message: str) -> HttpResponse:
+    """KServe's (and the Open Inference Protocol's) error: ``{"error": "..."}``."""
+    return HttpResponse(status, orjson.dumps({"error": " ".join(message.split())}), "application/json")
 
 
 def _drain(metrics: Any) -> list[Metric] | None:
