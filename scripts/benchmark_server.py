@@ -22,6 +22,7 @@ import shutil
 import signal
 import statistics
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,10 @@ PHOTO = RESNET18 / "photo.jpg"  # written by examples/resnet18/make_archive.py
 LOOP_TARGET = 0.90
 #: Other processes' CPU (% of all cores) above which a served / loop ratio is flagged as unreliable.
 NOISY_LOAD = 10.0
+#: Binary OIP requests must reach this fraction of /predictions' throughput with a PNG (same model).
+V2_TARGET = 0.90
+V2_BASE = "v2 digits, c32, batch_size 8: /predictions PNG"
+V2_BINARY = "v2 digits, c32, batch_size 8: /v2 infer, binary FP32 1x8x8"
 
 
 @dataclass
@@ -58,6 +63,13 @@ class Scenario:
     #: requests/s, which also counts the start (the warm-up's leftover queue, the pipeline filling)
     #: and loses the batch cut off at the end: 5-15% when a batch takes hundreds of milliseconds.
     steady: bool = False
+    #: Where the body goes (``{model}`` filled in); anything but /predictions is posted by post_oip.lua
+    #: with ``content_type`` and, for a binary OIP request, ``header_length`` (the JSON's length).
+    path: str = "/predictions/{model}"
+    content_type: str = "application/json"
+    header_length: int | None = None
+    #: Measured on marserve only (TorchServe has no such route without its kservev2 envelope).
+    marserve_only: bool = False
 
 
 @dataclass
@@ -309,9 +321,13 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(server: Server, scenario: Scenario, seconds: int) -> Result:
-    url = f"{server.inference}/predictions/{scenario.model}"
+    url = server.inference + scenario.path.format(model=scenario.model)
     env = {**os.environ, "BODY_FILE": str(scenario.body)}
     script = str(BENCH / ("post_file_steady.lua" if scenario.steady else "post_file.lua"))
+    if not scenario.path.startswith("/predictions/"):
+        script = str(BENCH / "post_oip.lua")
+        env["CONTENT_TYPE"] = scenario.content_type
+        env["INFERENCE_HEADER_CONTENT_LENGTH"] = "" if scenario.header_length is None else str(scenario.header_length)
     # wrk's default 2 s timeout would count slow batches (c32 of resnet18 on 2 cores) as errors.
     timeout = "--timeout=60s"
     # Warm-up: first batches pay for lazy initialisation in both servers.
@@ -352,6 +368,30 @@ def median_round(rounds: list[Result]) -> Result:
     return sorted(rounds, key=lambda r: r.rps)[len(rounds) // 2]
 
 
+def digit_tensor() -> list[float]:
+    """DIGIT as the digits handler sees it: 8x8 gray pixels in [0, 1], row major."""
+    from PIL import Image
+
+    with Image.open(DIGIT) as image:
+        small = image.convert("L").resize((8, 8), Image.Resampling.BOX)
+        return [pixel / 255 for pixel in small.tobytes()]
+
+
+def oip_bodies(work: Path) -> tuple[Path, Path, int]:
+    """DIGIT as an Open Inference Protocol request for a 1x8x8 FP32 tensor: as JSON, and as JSON
+    followed by the tensor's 256 bytes (binary tensor data); returns both files and the binary
+    one's JSON length."""
+    pixels = digit_tensor()
+    tensor = {"name": "input-0", "shape": [1, 8, 8], "datatype": "FP32"}
+    as_json = work / "digit_3.oip.json"
+    as_json.write_text(json.dumps({"inputs": [{**tensor, "data": pixels}]}))
+    raw = struct.pack(f"<{len(pixels)}f", *pixels)
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    as_binary = work / "digit_3.oip.bin"
+    as_binary.write_bytes(head + raw)
+    return as_json, as_binary, len(head)
+
+
 def _rate(rps: float) -> str:
     return f"{rps:.1f}" if rps < 100 else f"{rps:.0f}"
 
@@ -379,13 +419,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
     store.mkdir()
     echo_body = work / "hello.txt"
     echo_body.write_bytes(b"hello")
+    oip_json, oip_binary, oip_header = oip_bodies(work)
+    v2 = "/v2/models/{model}/infer"
     scenarios = [
         Scenario("echo, concurrency 1", "echo", echo_body, 1, 1, 0),
         Scenario("echo, concurrency 32", "echo", echo_body, 32, 1, 0),
         Scenario("digits, c32, batch_size 1", "digits", DIGIT, 32, 1, 0),
         Scenario("digits, c32, batch_size 8", "digits", DIGIT, 32, 8, 10, loop=True),
         Scenario("resnet18, c32, batch_size 8", "resnet18", PHOTO, 32, 8, 50, loop=True, steady=True),
-    ]
+        # The Open Inference Protocol against /predictions, same model and batching: binary v2 should
+        # reach V2_TARGET of the PNG's throughput.
+        Scenario(V2_BASE, "digits", DIGIT, 32, 8, 10),
+        Scenario(V2_BINARY, "digits", oip_binary, 32, 8, 10, path=v2, content_type="application/octet-stream",
+                 header_length=oip_header, marserve_only=True),
+        Scenario("v2 digits, c32, batch_size 8: /v2 infer, JSON FP32 1x8x8", "digits", oip_json, 32, 8, 10, path=v2,
+                 marserve_only=True),
+    ]  # fmt: skip
     scenarios = [s for s in scenarios if not args.only or args.only in s.label]
     build_archives(store, {s.model for s in scenarios})
     servers: list[Server] = []
@@ -403,7 +452,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for server in servers:
             server.start()
         for scenario in scenarios:
-            for server in servers:
+            measured = [s for s in servers if not scenario.marserve_only or s.name == "marserve"]
+            for server in measured:
                 server.register(scenario.model, scenario.batch_size, scenario.max_batch_delay)
                 if scenario.model == "echo":
                     rss[server.name] = rss_mib(server.frontend_pid())
@@ -411,11 +461,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 loops[scenario.label] = [run_loop(store, scenario, args.duration)]
             by_server = results.setdefault(scenario.label, {})
             for round_number in range(args.rounds):
-                for server in servers if round_number % 2 == 0 else servers[::-1]:
+                for server in measured if round_number % 2 == 0 else measured[::-1]:
                     by_server.setdefault(server.name, []).append(run_wrk(server, scenario, args.duration))
             if scenario.loop:
                 loops[scenario.label].append(run_loop(store, scenario, args.duration))
-            for server in servers:
+            for server in measured:
                 server.unregister(scenario.model)
     finally:
         for server in servers:
@@ -483,11 +533,23 @@ def run(args: argparse.Namespace, work: Path) -> None:
         print(f"\n| scenario | throughput ratio marserve / {other} (median of rounds) | each round | p50 ratio ({other} / marserve) |")
         print("|---|---:|---|---:|")
         for label, by_server in results.items():
+            if other not in by_server:
+                continue
             ours, theirs = by_server["marserve"], by_server[other]
             ratios = [a.rps / b.rps for a, b in zip(ours, theirs)]
             p50s = [b.p50 / a.p50 for a, b in zip(ours, theirs)]
             each = ", ".join(f"{x:.2f}" for x in ratios)
             print(f"| {label} | {statistics.median(ratios):.2f}x | {each} | {statistics.median(p50s):.2f}x |")
+    if V2_BASE in medians and V2_BINARY in medians:
+        base, binary = medians[V2_BASE]["marserve"], medians[V2_BINARY]["marserve"]
+        ratio = binary.rps / base.rps
+        verdict = "met" if ratio >= V2_TARGET else "NOT met"
+        failed = sum(x.errors for label in (V2_BASE, V2_BINARY) for x in results[label]["marserve"])
+        if failed:
+            verdict += f" ({failed} errors: not comparable)"
+        print(f"\n| marserve | /predictions PNG req/s | binary /v2 infer req/s | ratio | target {V2_TARGET:.0%} |")
+        print("|---|---:|---:|---:|---|")
+        print(f"| digits, c32, batch_size 8 | {_rate(base.rps)} | {_rate(binary.rps)} | {ratio:.2f} | {verdict} |")
     print("\n| server | start-up (s, until all ports listen) | frontend RSS with one model (MiB) |")
     print("|---|---:|---:|")
     for server in servers:

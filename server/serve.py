@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .apis import inference, management
+from .apis import inference, kserve_v1, management, oip
 from .apis import metrics as metrics_api
 from .config import ServerConfig, key_warnings
 from .http.access_log import AccessLog, NoAccessLog
@@ -62,7 +62,12 @@ def _listeners(
         )  # fmt: skip
         return Listener(api, address, door, tls)
 
-    inference_routes = inference.routes(registry, metrics)
+    # TorchServe's inference API, KServe's v1 protocol and the Open Inference Protocol (v2) share the port.
+    inference_routes = [
+        *inference.routes(registry, metrics),
+        *kserve_v1.routes(registry, metrics),
+        *oip.routes(registry, metrics),
+    ]
     management_routes = management.routes(registry, auth, config)
     if config.management_address == config.inference_address:
         listeners = [listener("inference", Router(inference_routes, management_routes, default_key=INFERENCE))]

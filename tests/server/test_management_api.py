@@ -438,7 +438,7 @@ DESCRIBE_KEYS = [
     "stateful", "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
     "loadedAtStartup", "workers", "jobQueueStatus",
 ]  # fmt: skip
-WORKER_KEYS = ["id", "startTime", "status", "memoryUsage", "pid", "gpu", "gpuUsage"]
+WORKER_KEYS = ["id", "startTime", "status", "state", "memoryUsage", "pid", "gpu", "gpuUsage"]
 
 
 def test_describe_shape(mgmt: Server) -> None:
