@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -135,6 +135,11 @@ class Context:
         self.model_yaml_config = model_yaml_config or {}
         self.stopping_criteria = None
         self.cl_socket = None
+        #: Set by the worker for each batch: sends one piece of request ``idx``'s streamed response
+        #: (``ts.handler_utils.utils.send_intermediate_predict_response`` calls it).
+        self.piece_sink: Callable[[int, Any], None] | None = None
+        #: Set by the worker for each batch: whether request ``idx``'s client has gone.
+        self.client_gone: Callable[[int], bool] = _never
 
     @property
     def system_properties(self) -> dict[str, Any]:
@@ -181,6 +186,22 @@ class Context:
     def set_response_header(self, idx: int, key: str, value: str) -> None:
         self.request_processor[idx].add_response_property(key, value)
 
+    def cancelled(self, idx: int = 0) -> bool:
+        """Whether request ``idx``'s client has gone (a marserve addition): a streaming handler
+        may stop generating for it. Its pieces are dropped either way."""
+        return self.client_gone(idx)
+
+    def send_piece(self, idx: int, value: Any) -> None:
+        """Send one piece of request ``idx``'s streamed response now (bytes, str, or anything
+        JSON can say), with the response's status and headers as set so far."""
+        if self.piece_sink is None:
+            raise RuntimeError("streamed responses are sent only while a worker runs a batch")
+        self.piece_sink(idx, value)
+
     def get_sequence_id(self, idx: int) -> str | None:
         sequence_id: str | None = self.get_request_header(idx, "ts_request_sequence_id")
         return sequence_id
+
+
+def _never(idx: int) -> bool:
+    return False

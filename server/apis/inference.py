@@ -16,7 +16,7 @@ from ..http.request import Request
 from ..http.responses import Response, json_response
 from ..http.routing import Route, methods
 from ..metrics.recording import Metrics
-from ..models.batching import Job, Reply
+from ..models.batching import Job, Reply, stream_format
 from ..models.registry import ModelRegistry
 from .openapi import for_model, inference_openapi
 
@@ -65,10 +65,14 @@ def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callab
         headers.append(("url_path", url_path.strip("/")))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         job = Job(request.request_id, headers, request_params(request.content_type(), request.body), future, request.received)
+        # Used only if the handler streams its answer.
+        job.stream_format = stream_format(request.header(b"accept"))
 
         def record(status: int) -> None:
             queued = job.dispatched - job.received if job.dispatched else 0.0
             metrics.inference(name, version or None, model.version, time.perf_counter() - job.received, queued)
+            if job.stream is not None:
+                metrics.stream(name, model.version, job.stream.first_at - job.received, job.stream.pieces)
 
         # TorchServe counts every request that reached its queue, even one refused there.
         request.on_answered = record

@@ -68,6 +68,11 @@ class Metrics:
         self.load_seconds = histogram(
             "marserve_model_load_duration_seconds", "Time from a worker's start to its model being loaded."
         )
+        self.first_byte_seconds = histogram(
+            "marserve_time_to_first_byte_seconds", "Streamed answers: time from receipt to the first piece."
+        )
+        self._pieces = _ModelCounter("marserve_stream_pieces", "Pieces of streamed answers sent to clients.")
+        self.registry.register(self._pieces)
         self._workers = _WorkerStates()
         self.registry.register(self._workers)
         self._refused = _Refusals()
@@ -107,6 +112,11 @@ class Metrics:
         if queue_seconds:
             queue.observe(queue_seconds)
             ts.gauges["QueueTime"][()] = queue_seconds * 1000
+
+    def stream(self, name: str, version: str, first_byte: float, pieces: int) -> None:
+        """One streamed answer, ended: its time to the first piece, and how many pieces it had."""
+        self.first_byte_seconds.series((name, version)).observe(first_byte)
+        self._pieces.counts[(name, version)] += pieces
 
     def batch(self, name: str, version: str, size: int, round_trip: float, result: Result | None) -> None:
         """One batch sent to a worker; ``result`` is its reply (None: the worker died with it)."""
@@ -224,6 +234,21 @@ class _WorkerStates(Collector):
         for (name, version), states in counts.items():
             for state, count in states.items():
                 family.add_metric([name, version, state], count)
+        yield family
+
+
+class _ModelCounter(Collector):
+    """A counter per model version, kept as plain numbers."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.doc = doc
+        self.counts: defaultdict[tuple[str, str], int] = defaultdict(int)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=list(MODEL_LABELS))
+        for (name, version), count in list(self.counts.items()):
+            family.add_metric([name, version], count)
         yield family
 
 
@@ -358,6 +383,9 @@ class NoMetrics(Metrics):
         pass
 
     def refused(self, reason: str) -> None:
+        pass
+
+    def stream(self, name: str, version: str, first_byte: float, pieces: int) -> None:
         pass
 
     def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:

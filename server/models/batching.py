@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 
 
 @dataclass(slots=True)
@@ -32,10 +35,125 @@ class Job:
     future: asyncio.Future[Reply]
     received: float
     dispatched: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     # The request envelope the worker applies to this request: "kserve" (KServe v1 routes), "oip"
     # (Open Inference Protocol routes), None (TorchServe's routes: the model's own setting).
     envelope: str | None = None
+    # How a streamed answer is framed for the client: "sse", "ndjson", or None (raw chunks).
+    stream_format: str | None = None
+    # Set when the worker sends the first piece of a streamed answer; the future then holds it.
+    stream: StreamReply | None = None
+
+    def piece(self, status: int, phrase: str, content_type: str | None, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """One piece of this request's streamed answer; False if nobody reads it any more (the
+        worker should be told to stop)."""
+        stream = self.stream
+        if stream is None:
+            if self.future.done():
+                return False  # the client left before the first piece
+            stream = self.stream = StreamReply(status, phrase, content_type, headers, self.stream_format)
+            self.future.set_result(stream)  # type: ignore[arg-type]  # a Reply whose body comes in pieces
+        if stream.cancelled:
+            return False
+        stream.push(body, content_type)
+        return True
+
+
+class StreamReply:
+    """A handler's answer sent in pieces: status and headers from the first piece, then each
+    piece as the worker sends it, framed as the client asked (``format``). It is what the
+    connection writes as it comes (``http.responses.Streamed``); pieces that arrive before the
+    connection attaches are kept until it does."""
+
+    __slots__ = (
+        "status", "phrase", "content_type", "headers", "format", "first_at", "pieces", "cancelled", "on_cancel",
+        "_sink", "_waiting", "_ended", "_error",
+    )  # fmt: skip
+
+    def __init__(
+        self, status: int, phrase: str, content_type: str | None, headers: list[tuple[str, str]], format: str | None
+    ) -> None:
+        self.status = status
+        self.phrase = phrase
+        self.format = format
+        self.content_type = _STREAM_TYPES.get(format or "", content_type)
+        self.headers = headers
+        self.first_at = time.perf_counter()
+        self.pieces = 0
+        self.cancelled = False
+        #: Told once when nobody reads the rest (set by whoever feeds the stream).
+        self.on_cancel: Callable[[], None] | None = None
+        self._sink: Any = None
+        self._waiting: list[bytes] = []
+        self._ended = False
+        self._error: str | None = None
+
+    def push(self, body: bytes, content_type: str | None) -> None:
+        if self._ended or self.cancelled or not body:
+            return
+        self.pieces += 1
+        data = frame_piece(body, content_type, self.format)
+        if self._sink is not None:
+            self._sink.piece(data)
+        else:
+            self._waiting.append(data)
+
+    def finish(self, error: str | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._error = error
+        if self._sink is not None:
+            self._sink.end(error)
+
+    def attach(self, sink: Any) -> None:
+        self._sink = sink
+        for data in self._waiting:
+            sink.piece(data)
+        self._waiting = []
+        if self._ended:
+            sink.end(self._error)
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._waiting = []
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+_STREAM_TYPES = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
+
+
+def frame_piece(body: bytes, content_type: str | None, format: str | None) -> bytes:
+    """A piece as the client asked for it: a server-sent event (``data:`` on each line), one line
+    of newline-delimited JSON (JSON compacted, text as a JSON string, other bytes as base64), or
+    the bytes as they are."""
+    if format == "sse":
+        return b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
+    if format == "ndjson":
+        if content_type is not None and content_type.startswith("application/json"):
+            try:
+                return orjson.dumps(orjson.loads(body)) + b"\n"
+            except orjson.JSONDecodeError:
+                pass
+        try:
+            return orjson.dumps(body.decode("utf-8")) + b"\n"
+        except UnicodeDecodeError:
+            return orjson.dumps(base64.b64encode(body).decode("ascii")) + b"\n"
+    return body
+
+
+def stream_format(accept: bytes | None) -> str | None:
+    """The framing a client's ``Accept`` header asks for: ``sse`` for ``text/event-stream``,
+    ``ndjson`` for ``application/x-ndjson``, else None (raw chunks)."""
+    if accept is None:
+        return None
+    if b"text/event-stream" in accept:
+        return "sse"
+    if b"application/x-ndjson" in accept:
+        return "ndjson"
+    return None
 
 
 class QueueFull(Exception):

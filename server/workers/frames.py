@@ -31,6 +31,8 @@ LOAD = ord("L")  # frontend -> worker: what to load
 LOADED = ord("l")  # worker -> frontend: load outcome
 PREDICT = ord("P")  # frontend -> worker: one batch
 RESULT = ord("R")  # worker -> frontend: the batch's responses
+PIECE = ord("S")  # worker -> frontend: one piece of a streamed response, before the RESULT
+CANCEL = ord("C")  # frontend -> worker: nobody reads these requests' streams any more
 
 Buffer = bytes | bytearray | memoryview
 

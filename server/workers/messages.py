@@ -112,3 +112,36 @@ class Result:
             meta["code"], meta["message"], responses, meta["handler_ms"], meta["prediction_ms"], meta["metrics"],
             meta["error_type"],
         )  # fmt: skip
+
+
+@dataclass
+class Piece:
+    """worker -> frontend, any number of times before a batch's Result: one piece of request
+    ``request``'s (its index in the batch) streamed response, in the blob. The first piece's status,
+    content type and headers are the response's; a later piece's content type says how its own
+    bytes were made (JSON or not), for the frontend to reframe them (server-sent events, ndjson).
+
+    A streamed request's entry in the Result then ends its stream: status 0 for "ended, nothing
+    more", a status below 400 for its last piece, 400 and above for an error after the pieces.
+    """
+
+    request: int
+    status: int
+    phrase: str
+    content_type: str | None
+    headers: list[tuple[str, str]]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Piece:
+        return cls(meta["request"], meta["status"], meta["phrase"], meta["content_type"], meta["headers"])
+
+
+@dataclass
+class Cancel:
+    """frontend -> worker, while a batch runs: the clients of these requests have gone."""
+
+    ids: list[str]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Cancel:
+        return cls(meta["ids"])

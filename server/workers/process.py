@@ -19,19 +19,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import WorkerDied, WorkerError
 from ..models.batching import Job, Reply
 from . import frames as protocol
-from .messages import Load, Loaded, Predict, Request, Result
+from .messages import Cancel, Load, Loaded, Piece, Predict, Request, Result
 
 log = logging.getLogger("marserve.worker")
 
 
 class WorkerChannel(asyncio.Protocol):
-    """The frontend's end of a worker's socket: one frame out, then its answer, one whole frame in.
+    """The frontend's end of a worker's socket: one frame out, then its answer, one whole frame in
+    (streamed pieces, if any, before it).
 
     A plain protocol rather than asyncio streams: the reply is taken from the socket's data in one
     piece, and the waiting call wakes once, when the whole frame is there.
@@ -42,6 +43,7 @@ class WorkerChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self._size: int | None = None
         self._waiter: asyncio.Future[bytearray] | None = None
+        self._on_piece: Callable[[Piece, bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio's classes
@@ -51,6 +53,16 @@ class WorkerChannel(asyncio.Protocol):
         buffer += data
         if self._size is None:
             self._size = protocol.frame_size(buffer)
+        while self._size is not None and len(buffer) >= self._size and buffer[0] == protocol.PIECE:
+            # A streamed piece, before the batch's answer: copied out, and handed on at once.
+            kind, meta, blob = protocol.decode(bytes(buffer[: self._size]))
+            del buffer[: self._size]
+            self._size = protocol.frame_size(buffer)
+            if self._on_piece is None:
+                log.error("worker sent a streamed piece nobody asked for; dropping its connection")
+                self.close()
+                return
+            self._on_piece(Piece.from_meta(meta), bytes(blob))
         if self._size is None or len(buffer) < self._size:
             return
         waiter = self._waiter
@@ -67,13 +79,25 @@ class WorkerChannel(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(ConnectionError("the worker's socket closed"))
 
-    async def exchange(self, buffers: list[protocol.Buffer]) -> tuple[int, dict[str, Any], memoryview]:
-        """Send one frame and wait for the answer; ConnectionError if the worker goes away first."""
+    async def exchange(
+        self, buffers: list[protocol.Buffer], on_piece: Callable[[Piece, bytes], None] | None = None
+    ) -> tuple[int, dict[str, Any], memoryview]:
+        """Send one frame and wait for the answer, handing each streamed piece that comes before
+        it to ``on_piece``; ConnectionError if the worker goes away first."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the worker's socket is closed")
         self._waiter = asyncio.get_running_loop().create_future()
+        self._on_piece = on_piece
         self.transport.writelines(buffers)
-        return protocol.decode(await self._waiter)
+        try:
+            return protocol.decode(await self._waiter)
+        finally:
+            self._on_piece = None
+
+    def send(self, buffers: list[protocol.Buffer]) -> None:
+        """A frame that has no answer (a cancellation)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(buffers)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -188,8 +212,11 @@ class WorkerProcess:
         finally:
             theirs.close()
 
-    async def predict(self, batch: list[Job]) -> tuple[list[Reply], Result]:
-        """Run one batch: its replies, and the worker's Result (timings, the handler's metrics).
+    async def predict(
+        self, batch: list[Job], on_piece: Callable[[Piece, bytes], None] | None = None
+    ) -> tuple[list[Reply], Result]:
+        """Run one batch: its replies, and the worker's Result (timings, the handler's metrics);
+        streamed pieces go to ``on_piece`` as they come.
 
         Raises WorkerDied if the process goes away, WorkerError on a handler error.
         """
@@ -200,7 +227,9 @@ class WorkerProcess:
             requests.append(Request(job.request_id, job.headers, [(n, t, len(v)) for n, t, v in job.params], job.envelope))
             blobs.extend(value for _, _, value in job.params)
         try:
-            kind, meta, blob = await self._channel.exchange(protocol.encode(protocol.PREDICT, Predict(requests), blobs))
+            kind, meta, blob = await self._channel.exchange(
+                protocol.encode(protocol.PREDICT, Predict(requests), blobs), on_piece
+            )
         except ConnectionError:
             raise WorkerDied from None
         if kind != protocol.RESULT:
@@ -215,6 +244,11 @@ class WorkerProcess:
             for r, body in zip(result.responses, bodies)
         ]
         return replies, result
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Tell the worker these requests' clients have gone: it stops streaming to them."""
+        if self._channel is not None:
+            self._channel.send(protocol.encode(protocol.CANCEL, Cancel(request_ids)))
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:

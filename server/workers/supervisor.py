@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..errors import ServerError, ServiceUnavailable, WorkerDied, WorkerError
-from ..models.batching import Job, JobQueue, collect_batch
+from ..models.batching import Job, JobQueue, Reply, collect_batch
 from ..models.settings import ModelSettings
 from ..models.status import WorkerState, WorkerStatus
-from .messages import Load, Result
+from .messages import Load, Piece, Result
 from .placement import Placement, worker_threads
 from .process import WorkerProcess
 
@@ -320,9 +320,24 @@ class Supervisor:
                 process.kill()
 
             timer = loop.call_later(settings.response_timeout, on_timeout)
+
+            def on_piece(piece: Piece, body: bytes, batch: list[Job] = batch) -> None:
+                nonlocal timer
+                # For a streamed answer, response_timeout bounds the wait for each piece.
+                timer.cancel()
+                timer = loop.call_later(settings.response_timeout, on_timeout)
+                if not 0 <= piece.request < len(batch):
+                    return
+                job = batch[piece.request]
+                if not job.piece(piece.status, piece.phrase, piece.content_type, piece.headers, body):
+                    process.cancel([job.request_id])  # its client is gone: the worker stops streaming to it
+                elif job.stream is not None and job.stream.on_cancel is None:
+                    request_id = job.request_id
+                    job.stream.on_cancel = lambda: process.cancel([request_id])
+
             result: Result | None = None
             try:
-                replies, result = await process.predict(batch)
+                replies, result = await process.predict(batch, on_piece)
             except WorkerDied:
                 if not timed_out:
                     # The exit status tells an OOM kill from a crash; it follows the EOF closely.
@@ -336,9 +351,16 @@ class Supervisor:
                 # Cancelled mid-batch: the process has exited (see _run_until_exit).
                 _fail_all(batch, _death_error(process, timed_out))
                 raise
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests waiting for ever
+                log.exception("worker %s of %s:%s: unexpected error serving a batch", slot.id, self.name, self.version)
+                _fail_all(batch, WorkerError(f"{type(exc).__name__}: {exc}"))
+                process.kill()  # a fresh worker: this one's state is unknown
+                return
             else:
                 for job, reply in zip(batch, replies):
-                    if not job.future.done():
+                    if job.stream is not None:
+                        _end_stream(job, reply)
+                    elif not job.future.done():
                         job.future.set_result(reply)
             finally:
                 timer.cancel()
@@ -368,8 +390,23 @@ def _death_error(process: WorkerProcess, timed_out: bool) -> WorkerDied:
     return WorkerDied()
 
 
+def _end_stream(job: Job, reply: Reply) -> None:
+    """A streamed answer's end, from its request's entry in the batch's Result: status 0, it has
+    ended; a success status, this is its last piece; an error, it broke after its pieces."""
+    stream = job.stream
+    assert stream is not None
+    if reply.status >= 400:
+        stream.finish(f"{reply.status}: {reply.body[:200].decode(errors='replace')}")
+        return
+    if reply.status:
+        stream.push(reply.body, reply.content_type)
+    stream.finish()
+
+
 def _fail(job: Job, error: ServerError) -> None:
-    if not job.future.done():
+    if job.stream is not None:
+        job.stream.finish(error.message)  # after its pieces: the stream breaks off
+    elif not job.future.done():
         job.future.set_exception(error)
 
 

@@ -55,7 +55,7 @@ class FakeProcess:
             finally:
                 self.script.loading -= 1
 
-    async def predict(self, batch: list[Job]) -> tuple[list[Reply], Result]:
+    async def predict(self, batch: list[Job], on_piece: Any = None) -> tuple[list[Reply], Result]:
         self.script.batches.append([job.request_id for job in batch])
         return await self.script.predict(self, batch)
 

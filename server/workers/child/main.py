@@ -23,6 +23,7 @@ from handlers.metrics import MetricsCache
 
 from .. import frames as protocol
 from ..messages import Load, Loaded, Predict
+from .channel import Channel
 from .loader import load_handler
 from .service import Service
 
@@ -96,10 +97,12 @@ def main(argv: list[str]) -> int:
     print(f"worker pid {os.getpid()} loaded model {load.model_name} with handler {load.handler}", flush=True)
     protocol.send_frame(sock, protocol.encode(protocol.LOADED, Loaded(200, "loaded", os.getpid())))
     sys.stdout.flush()
-    while (frame := protocol.recv_frame(sock)) is not None:
+    channel = Channel(sock)
+    service.channel = channel
+    while (frame := channel.recv()) is not None:
         kind, meta, blob = frame
         if kind != protocol.PREDICT:
             return 1
         result, parts = service.handle(Predict.from_meta(meta), blob)
-        protocol.send_frame(sock, protocol.encode(protocol.RESULT, result, parts))
+        channel.send(protocol.encode(protocol.RESULT, result, parts))
     return 0

@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -24,11 +24,30 @@ from ...errors import WorkerError
 from ...http.responses import Response as HttpResponse
 from ...http.responses import torchserve_error
 from ..frames import Buffer, split
-from ..messages import Metric, Predict, Request, Response, Result
+from ..messages import Metric, Piece, Predict, Request, Response, Result
 from .loader import Entry
 
 if TYPE_CHECKING:
     from .envelopes import Call, Envelope
+
+
+class StreamChannel(Protocol):
+    """What streaming needs of the worker's channel (``channel.Channel``)."""
+
+    def send_piece(self, piece: Piece, body: Buffer) -> None: ...
+
+    def gone(self, request_id: str) -> bool: ...
+
+
+# How a streamed request's Result entry says its stream ended: nothing more to send.
+_ENDED = object()
+
+
+@dataclass
+class _Broken:
+    """A stream whose iterator raised: its request's entry is an error after its pieces."""
+
+    message: str
 
 def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
     """TorchServe's per-parameter decoding: JSON parsed, text as str, anything else a bytearray."""
@@ -100,6 +119,8 @@ class Service:
         self.context = context
         self.decode = decode_input_request
         self.max_response_size = max_response_size
+        #: Where streamed pieces go, and how cancellations are read (set by the worker's main).
+        self.channel: StreamChannel | None = None
         #: The model's envelope (``service_envelope``), for requests that do not name their own.
         self.envelope: Envelope | None = None
         #: The envelopes requests may name; made (and numpy imported) by the first such request.
@@ -132,6 +153,9 @@ class Service:
         context = self.context
         context.request_ids = {i: request.id for i, request in enumerate(requests)}
         context.request_processor = processors
+        streamed: set[int] = set()
+        context.piece_sink = lambda idx, value: self._piece(requests, streamed, idx, value)
+        context.client_gone = lambda idx: self._gone(requests, idx)
         metrics = context.metrics
         if metrics is not None:
             metrics.request_ids = context.request_ids  # so idx=None tags a metric with every id
@@ -142,6 +166,8 @@ class Service:
             # TorchServe's PredictionTime: the entry-point call only, and only when it succeeded.
             # A plain number: the frontend records it, so the worker builds no metric for it.
             prediction_ms = (time.perf_counter() - started) * 1000
+            if any(hasattr(output, "__next__") for output in outputs):
+                outputs = self._stream(requests, streamed, outputs)
             parts, responses = self._encode(outputs)
         except WorkerError as exc:
             # Failed batches carry their metrics too: counters recorded before the failure count.
@@ -149,6 +175,59 @@ class Service:
             return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
         handler_ms = (time.perf_counter() - started) * 1000
         return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+
+    # -- streamed responses ---------------------------------------------------------------------
+
+    def _piece(self, requests: list[Request], streamed: set[int], idx: int, value: Any) -> None:
+        """Send one piece of request ``idx``'s response now, with its status and headers so far."""
+        if self.channel is None:
+            raise RuntimeError("streamed responses need the worker's channel")
+        if self._gone(requests, idx):
+            return  # nobody reads it
+        body, content_type = encode_output(value)
+        processor = self.context.request_processor[idx]
+        headers = []
+        for key, header in processor.get_response_headers().items():
+            if str(key).lower() == "content-type":
+                content_type = str(header)
+            else:
+                headers.append((str(key), str(header)))
+        status, phrase = processor.get_response_status_code(), processor.get_response_status_phrase() or ""
+        self.channel.send_piece(Piece(idx, status, phrase, content_type, headers), body)
+        streamed.add(idx)
+
+    def _gone(self, requests: list[Request], idx: int) -> bool:
+        return self.channel is not None and self.channel.gone(requests[idx].id)
+
+    def _stream(self, requests: list[Request], streamed: set[int], outputs: list[Any]) -> list[Any]:
+        """Send the items of the outputs that are iterators as pieces, taking one from each in
+        turn, so that every stream of the batch moves; the outputs with each iterator replaced by
+        how its stream ended."""
+        final = list(outputs)
+        active = {idx: output for idx, output in enumerate(outputs) if hasattr(output, "__next__")}
+        while active:
+            for idx, iterator in list(active.items()):
+                if self._gone(requests, idx):
+                    close = getattr(iterator, "close", None)
+                    if close is not None:
+                        close()  # a generator's finally blocks run: it stops generating
+                    del active[idx]
+                    final[idx] = _ENDED
+                    continue
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    del active[idx]
+                    # A stream with no piece at all is an empty response.
+                    final[idx] = _ENDED if idx in streamed else b""
+                    continue
+                except Exception as exc:  # noqa: BLE001 - one broken stream fails only its request
+                    traceback.print_exc()
+                    del active[idx]
+                    final[idx] = _Broken(f"the handler failed mid-stream: {type(exc).__name__}: {exc}")
+                    continue
+                self._piece(requests, streamed, idx, item)
+        return final
 
     def _call(self, data: list[dict[str, Any]]) -> Any:
         try:
@@ -177,6 +256,14 @@ class Service:
         responses: list[Response] = []
         processors = self.context.request_processor
         for idx, output in enumerate(outputs):
+            if output is _ENDED:
+                responses.append(Response(0, "", None, [], 0))
+                continue
+            if isinstance(output, _Broken):
+                broken = torchserve_error(WorkerError(output.message))
+                parts.append(broken.body)
+                responses.append(Response(broken.status, "", broken.content_type, [], len(broken.body)))
+                continue
             body, implied_type = encode_output(output)
             self._respond(parts, responses, body, implied_type, processors[idx], idx)
         return parts, responses
@@ -223,6 +310,8 @@ class Service:
         batch of one request is handed to its envelope whole: exactly TorchServe's envelope.
         """
         context = self.context
+        # Streaming is for requests without an envelope: an envelope answers a request as a whole.
+        context.piece_sink = None
         metrics = context.metrics
         started = time.perf_counter()
         try:
