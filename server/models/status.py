@@ -25,6 +25,9 @@ class WorkerStatus:
     pid: int | None  # None until its process exists
     started_at: float  # epoch seconds of the current process's start (0.0 if none)
     gpu_id: int | None
+    restarts: int = 0  # processes that died in this slot and were replaced
+    last_exit: str = ""  # how the last one that died ended (exit code or signal, its last output)
+    loaded_at: float = 0.0  # epoch seconds the current process's model was loaded (0.0: not yet)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,13 +74,16 @@ class WorkerSlot:
     # Resolves with None once a first load succeeds, or with the error of a failed first load.
     first_load: asyncio.Future[WorkerError | None] = field(default_factory=_first_load)
     load_time_ms: float = 0.0
+    restarts: int = 0
+    last_exit: str = ""
+    loaded_at: float = 0.0
 
     def as_status(self) -> WorkerStatus:
         process = self.process
         pid = process.pid if process is not None else None
         started_at = process.started_at if process is not None else 0.0
         state = WorkerState.STOPPING if self.stopping and self.status != WorkerState.STOPPED else self.status
-        return WorkerStatus(self.id, state, pid, started_at, self.gpu_id)
+        return WorkerStatus(self.id, state, pid, started_at, self.gpu_id, self.restarts, self.last_exit, self.loaded_at)
 
 
 class Supervisor:
@@ -249,6 +252,7 @@ class Supervisor:
                 await asyncio.sleep(backoff(failures))
                 continue
             slot.load_time_ms = (time.perf_counter() - started) * 1000
+            slot.loaded_at = time.time()
             slot.status = WorkerState.READY
             log.info(
                 "worker %s of %s:%s ready (pid %s, model loaded in %.2f s)",
@@ -268,10 +272,12 @@ class Supervisor:
             process.kill()
             await process.wait_exit(10)
             failures += 1
+            slot.restarts += 1
+            slot.last_exit = process.exit_description()
             delay = backoff(failures)
             log.warning(
                 "worker %s of %s:%s died: it %s; restarting in %g s",
-                slot.id, self.name, self.version, process.exit_description(), delay,
+                slot.id, self.name, self.version, slot.last_exit, delay,
             )  # fmt: skip
             await asyncio.sleep(delay)
 
