@@ -167,7 +167,10 @@ def test_a_worker_starts_serves_batches_and_stops() -> None:
         assert script.reports[0][1] is not None and script.reports[0][1].handler_ms == 1.0
         status = slot.as_status()
         process = script.processes[0]
-        assert status == WorkerStatus(slot.id, WorkerState.READY, process.pid, process.started_at, None)
+        assert status == WorkerStatus(
+            slot.id, WorkerState.READY, process.pid, process.started_at, None, restarts=0, last_exit="", loaded_at=slot.loaded_at
+        )
+        assert process.started_at <= slot.loaded_at <= time.time()
         await workers.stop(ServerError("stopped", 503))
         assert slot.status == WorkerState.STOPPED and workers.slots == [] and process.returncode == 0
 
