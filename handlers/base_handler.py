@@ -20,6 +20,7 @@ import torch
 from handlers import loading
 from handlers.errors import PredictionException
 from handlers.images import RequestError, payload
+from handlers.stages import BatchState, StartedBatch
 from handlers.utils import ModelLoadError, load_label_mapping, timed
 
 logger = logging.getLogger(__name__)
@@ -28,20 +29,57 @@ logger = logging.getLogger(__name__)
 class BaseHandler:
     """Loads an eager, TorchScript or exported model and serves it; subclass it to customise a step."""
 
+    #: Whether this class's steps may run as a pipeline (``overlapStages``): the next batch's
+    #: preprocess on another thread while this batch's inference and postprocess run. A class
+    #: declares it for itself (subclasses do not inherit it) once its preprocess touches no state
+    #: that inference or postprocess change; ``self.context`` and ``reject_request`` are per batch.
+    stages_thread_safe = False
+
     def __init__(self) -> None:
         self.model: Any = None
         self.mapping: dict[str, str] | None = None
         self.device: torch.device | None = None
         self.map_location: str | None = None
         self.initialized = False
-        self.context: Any = None
+        self.context = None
         self.manifest: dict[str, Any] | None = None
         self.model_pt_path: str | None = None
         self.model_yaml_config: dict[str, Any] = {}
         self.explain = False
         self.target = 0
         self.profiler_args: dict[str, Any] = {}
-        self._rejected: dict[int, RequestError] = {}
+
+    # -- per-batch state ------------------------------------------------------------------------
+
+    def _batch_state(self) -> BatchState:
+        state: BatchState | None = self.__dict__.get("_batch_state_")
+        if state is None:
+            # Made on first use: TorchServe handlers may not call BaseHandler.__init__.
+            state = self.__dict__.setdefault("_batch_state_", BatchState())
+        return state
+
+    @property
+    def context(self) -> Any:
+        """The context of the batch this thread runs; outside a batch, the one set last."""
+        state = self._batch_state()
+        return state.context if state.in_batch else self.__dict__.get("_context")
+
+    @context.setter
+    def context(self, value: Any) -> None:
+        self.__dict__["_context"] = value
+        state = self._batch_state()
+        if state.in_batch:
+            state.context = value
+
+    def _enter_batch(self, context: Any, rejected: dict[int, RequestError]) -> None:
+        state = self._batch_state()
+        state.in_batch, state.context, state.rejected = True, context, rejected
+        self.__dict__["_context"] = context
+
+    @classmethod
+    def overlaps_safely(cls) -> bool:
+        """Whether this very class declares its steps safe to run as a pipeline (``stages_thread_safe``)."""
+        return bool(cls.__dict__.get("stages_thread_safe", False))
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -70,14 +108,10 @@ class BaseHandler:
             return model
         path = self.model_pt_path
         if not path:
-            raise ModelLoadError(
-                "No model weights could be loaded: the manifest names neither a serializedFile nor a modelFile"
-            )
+            raise ModelLoadError("No model weights could be loaded: the manifest names neither a serializedFile nor a modelFile")
         name = os.path.basename(path)
         if not os.path.isfile(path):
-            raise ModelLoadError(
-                f"No model weights could be loaded: serialized file {name!r} is missing from the archive"
-            )
+            raise ModelLoadError(f"No model weights could be loaded: serialized file {name!r} is missing from the archive")
         kind = loading.serialized_kind(path)
         assert self.device is not None and self.map_location is not None
         if kind == "torchscript":
@@ -169,17 +203,39 @@ class BaseHandler:
     def handle(self, data: list[Any], context: Any) -> Any:
         """preprocess -> inference -> postprocess (or describe/explain, by header); one output per request."""
         start = time.perf_counter()
-        self.context = context
-        self._rejected = {}
+        self._enter_batch(context, {})
         if os.environ.get("ENABLE_TORCH_PROFILER"):
             output, _ = self._infer_with_profiler(data)
         elif self._is_describe():
             output = [self.describe_handle()]
         else:
             output = self._run(data, _no_record)
-        if self._rejected:
+        return self._finish_output(output, data, start)
+
+    def start_batch(self, data: list[Any], context: Any) -> StartedBatch:
+        """``handle``'s first step, preprocess, for a worker that overlaps stages: it runs on a
+        thread of its own while the previous batch's inference runs. ``finish_batch`` does the rest."""
+        rejected: dict[int, RequestError] = {}
+        self._enter_batch(context, rejected)
+        if os.environ.get("ENABLE_TORCH_PROFILER") or self._is_describe():
+            return StartedBatch(data, context, whole=True)
+        start = time.perf_counter()
+        preprocessed = self.preprocess(data)
+        return StartedBatch(data, context, preprocessed, rejected, preprocess_ms=(time.perf_counter() - start) * 1000)
+
+    def finish_batch(self, started: StartedBatch) -> Any:
+        """``handle``'s other steps, on the worker's inference thread."""
+        if started.whole:
+            return self.handle(started.data, started.context)
+        start = time.perf_counter() - started.preprocess_ms / 1000  # HandlerTime counts both threads' work
+        self._enter_batch(started.context, started.rejected)
+        output = self._after_preprocess(started.data, started.preprocessed, _no_record)
+        return self._finish_output(output, started.data, start)
+
+    def _finish_output(self, output: Any, data: list[Any], start: float) -> Any:
+        if self._batch_state().rejected:
             output = self._merge_rejected(output, len(data))
-        metrics = getattr(context, "metrics", None)
+        metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
             metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return output
@@ -187,7 +243,13 @@ class BaseHandler:
     def _run(self, data: list[Any], record: Callable[[str], contextlib.AbstractContextManager[Any]]) -> Any:
         with record("preprocess"):
             data_preprocess = self.preprocess(data)
-        if self._rejected and len(self._rejected) >= len(data):
+        return self._after_preprocess(data, data_preprocess, record)
+
+    def _after_preprocess(
+        self, data: list[Any], data_preprocess: Any, record: Callable[[str], contextlib.AbstractContextManager[Any]]
+    ) -> Any:
+        rejected = self._batch_state().rejected
+        if rejected and len(rejected) >= len(data):
             return []  # every request was rejected: nothing to run the model on
         if self._is_explain():
             with record("explain"):
@@ -200,20 +262,20 @@ class BaseHandler:
     def reject_request(self, idx: int, message: str, code: int = 400) -> None:
         """Fail request ``idx`` of the batch alone (marserve): call from preprocess and leave it out of
         the tensor; handle() answers it with ``code`` and ``message`` and the others as usual."""
-        self._rejected[idx] = RequestError(message, code)
+        self._batch_state().rejected[idx] = RequestError(message, code)
 
     def _merge_rejected(self, output: Any, size: int) -> list[Any]:
-        expected = size - len(self._rejected)
+        rejected = self._batch_state().rejected
+        expected = size - len(rejected)
         if not isinstance(output, list) or len(output) != expected:
             got = len(output) if isinstance(output, list) else type(output).__name__
             raise PredictionException(
-                f"handler returned {got} outputs for the {expected} requests left after rejecting "
-                f"{len(self._rejected)}", 500
+                f"handler returned {got} outputs for the {expected} requests left after rejecting {len(rejected)}", 500
             )
         remaining = iter(output)
         merged = []
         for idx in range(size):
-            error = self._rejected.get(idx)
+            error = rejected.get(idx)
             if error is None:
                 merged.append(next(remaining))
                 continue

@@ -18,6 +18,8 @@ class ImageClassifier(VisionHandler):
     labels come from ``index_to_name.json``, else the class index.
     """
 
+    stages_thread_safe = True  # per-batch state is per thread (BaseHandler); the rest is read-only
+
     topk = 5
     image_processing = images.compose(images.IMAGENET)
     _fast_path = images.IMAGENET

@@ -18,6 +18,8 @@ class ImageSegmenter(VisionHandler):
     a plain N x K x H x W tensor.
     """
 
+    stages_thread_safe = True  # per-batch state is per thread (BaseHandler); the rest is read-only
+
     image_processing = images.compose(images.IMAGENET)
     _fast_path = images.IMAGENET
 

@@ -18,6 +18,8 @@ class ObjectDetector(VisionHandler):
     detection models do.
     """
 
+    stages_thread_safe = True  # per-batch state is per thread (BaseHandler); the rest is read-only
+
     threshold = 0.5
     image_processing = images.compose(images.TO_TENSOR)
     _fast_path = images.TO_TENSOR

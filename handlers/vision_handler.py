@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 class VisionHandler(BaseHandler):
     """Base class of the image handlers; a subclass sets ``image_processing`` (PIL image -> tensor)."""
 
+    stages_thread_safe = True  # per-batch state is per thread (BaseHandler); the rest is read-only
+
     #: Pillow formats accepted (None: any Pillow reads).
     image_formats: tuple[str, ...] | None = images.DEFAULT_FORMATS
     #: Decoding threads; None: the model YAML's ``handler: {decode_threads: N}``, else up to 8 for

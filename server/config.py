@@ -280,6 +280,7 @@ TOKEN_MINUTES = Range(1, 525_600)  # token_expiration_min: a year at most
 RETRY_TIMEOUT = Range(0, 86_400)  # s: maxRetryTimeoutInSec
 CLIENT_TIMEOUT_MS = Range(0, 86_400_000)  # ms: clientTimeoutInMills
 PARALLEL_LEVEL = Range(0, 1024)  # parallelLevel
+BATCHES_IN_FLIGHT = Range(1, 2)  # max_batches_in_flight, maxBatchesInFlight: the one running and the next
 
 
 def _within(limits: Range, *, zero: str | None = None) -> AfterValidator:
@@ -709,6 +710,9 @@ class ModelYamlConfig(BaseModel):
     useJobTicket: bool | None = None
     parallelType: Annotated[Literal["pp", "tp", "pptp", "custom"] | None, _folded(str.lower)] = None
     parallelLevel: Annotated[int, _within(PARALLEL_LEVEL)] | None = None
+    # marserve's: batches a worker may hold at once, and whether its handler's stages overlap.
+    maxBatchesInFlight: Annotated[int, _within(BATCHES_IN_FLIGHT)] | None = None
+    overlapStages: bool | None = None
 
 
 def parse_model_yaml(text: str) -> tuple[ModelYamlConfig, dict[Any, Any]]:

@@ -55,6 +55,7 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
                 synchronous=_bool(params, "synchronous", True),
                 response_timeout=_int(params, "response_timeout"),
                 startup_timeout=_int(params, "startup_timeout"),
+                max_batches_in_flight=_int(params, "max_batches_in_flight"),
             )
         )
         return status_response(message, status)
@@ -136,6 +137,10 @@ def describe(model: VersionStatus) -> dict[str, Any]:
             # these two); marserve's own field beside it says which state it is in.
             "status": "READY" if worker.state == WorkerState.READY else "UNLOADING",
             "state": worker.state.value,
+            "batchesInFlight": worker.in_flight,
+            # marserve's: processes that died in this slot and were replaced, and how the last ended.
+            "restarts": worker.restarts,
+            "lastExit": worker.last_exit,
             "memoryUsage": rss_bytes(worker.pid) if worker.pid and worker.state == WorkerState.READY else 0,
             "pid": worker.pid or -1,
             "gpu": worker.gpu_id is not None,
@@ -173,6 +178,9 @@ def describe(model: VersionStatus) -> dict[str, Any]:
         "maxSequenceJobQueueSize": 0,
         "loadedAtStartup": model.loaded_at_startup,
         "workers": workers,
+        # marserve's: batches a worker may hold at once, and whether its handler's stages overlap.
+        "maxBatchesInFlight": s.max_batches_in_flight,
+        "overlapStages": s.overlap_stages,
         "jobQueueStatus": {
             "remainingCapacity": model.queue_capacity - model.queue_length,
             "pendingRequests": model.queue_length,
@@ -229,4 +237,3 @@ def _int_or_zero(value: str | None) -> int:
         return max(0, int(value or 0))
     except ValueError:
         return 0
-

@@ -224,6 +224,7 @@ class ModelRegistry:
             server_version=SERVER_VERSION,
             # TorchServe's service_envelope; else (marserve) the one the archive's manifest names.
             envelope=self.config.service_envelope or sources.manifest_envelope(archive),
+            overlap_stages=settings.overlap_stages,
         )
         model = ModelVersion(
             name, manifest.version, request.url or "", archive, handler, settings, load, env, self._placement,

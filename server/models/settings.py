@@ -12,6 +12,7 @@ from ..config import (
     MAX_BATCH_DELAY,
     RESPONSE_TIMEOUT,
     STARTUP_TIMEOUT,
+    BATCHES_IN_FLIGHT,
     ModelYamlConfig,
     Range,
     ServerConfig,
@@ -34,6 +35,7 @@ class RegisterRequest:
     synchronous: bool = True
     response_timeout: int | None = None
     startup_timeout: int | None = None
+    max_batches_in_flight: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class ModelSettings:
     job_queue_size: int = 100
     device_type: str = "cpu"
     device_ids: list[int] | None = None
+    # Batches a worker may hold: the one it runs and the next (1: one at a time).
+    max_batches_in_flight: int = 2
+    # Whether a worker runs its handler's stages of consecutive batches as a pipeline.
+    overlap_stages: bool = False
 
 
 def resolve_settings(
@@ -82,6 +88,8 @@ def resolve_settings(
         job_queue_size=yaml.jobQueueSize or config.job_queue_size,
         device_type="gpu" if gpu_count and yaml.deviceType != "cpu" else "cpu",
         device_ids=yaml.deviceIds,
+        max_batches_in_flight=pick(request.max_batches_in_flight, yaml.maxBatchesInFlight, "maxBatchesInFlight", 2),
+        overlap_stages=bool(yaml.overlapStages),
     )  # fmt: skip
 
 
@@ -141,6 +149,7 @@ def check_register_request(request: RegisterRequest, caps: WorkerCaps) -> None:
     check_range("max_batch_delay", request.max_batch_delay, MAX_BATCH_DELAY)  # 0: do not wait
     check_range("response_timeout", request.response_timeout, RESPONSE_TIMEOUT)
     check_range("startup_timeout", request.startup_timeout, STARTUP_TIMEOUT)
+    check_range("max_batches_in_flight", request.max_batches_in_flight, BATCHES_IN_FLIGHT)
     check_workers("initial_workers", request.initial_workers, caps)  # 0: registered without workers
 
 

@@ -28,6 +28,7 @@ class WorkerStatus:
     restarts: int = 0  # processes that died in this slot and were replaced
     last_exit: str = ""  # how the last one that died ended (exit code or signal, its last output)
     loaded_at: float = 0.0  # epoch seconds the current process's model was loaded (0.0: not yet)
+    in_flight: int = 0  # batches sent and not answered: the one it runs, and the one that waits
 
 
 @dataclass(frozen=True, slots=True)

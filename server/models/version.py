@@ -18,7 +18,6 @@ from .settings import ModelSettings
 from .status import VersionStatus, WorkerState
 
 
-
 def _ignore(*_: object) -> None:
     pass
 
@@ -83,6 +82,7 @@ class ModelVersion:
             if not self.supervisor.serving:
                 raise QueueFull
             self.queue.put(job)
+            self.supervisor.notify()
         except QueueFull:
             # The message is built only on refusal: it is not free, and this is the request path.
             raise ServiceUnavailable(no_worker_message(self.name, self.version if versioned else None)) from None

@@ -41,6 +41,8 @@ class Load:
     # The model's request envelope (body, json, kserve, kservev2): service_envelope, else the
     # manifest's model.envelope; None: none. Requests that name their own (Request.envelope) use theirs.
     envelope: str | None = None
+    # overlapStages: the next batch's preprocess runs while this one's inference does (child/pipeline.py).
+    overlap_stages: bool = False
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Load:

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,9 +31,29 @@ from .messages import Cancel, Load, Loaded, Piece, Predict, Request, Result
 log = logging.getLogger("marserve.worker")
 
 
+class Exchange:
+    """One frame sent to the worker, and its answer to come. The worker answers in order, so the
+    oldest exchange is the one it is running: it has ``started``, and streamed pieces are its."""
+
+    __slots__ = ("reply", "started", "ran", "on_piece")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_piece: Callable[[Piece, bytes], None] | None) -> None:
+        self.reply: asyncio.Future[bytearray] = loop.create_future()
+        #: Resolved when the worker takes the batch (``ran``), or when it went away first (not ``ran``).
+        self.started: asyncio.Future[None] = loop.create_future()
+        self.ran = False
+        self.on_piece = on_piece
+
+    def run(self) -> None:
+        self.ran = True
+        if not self.started.done():
+            self.started.set_result(None)
+
+
 class WorkerChannel(asyncio.Protocol):
-    """The frontend's end of a worker's socket: one frame out, then its answer, one whole frame in
-    (streamed pieces, if any, before it).
+    """The frontend's end of a worker's socket: frames out, each answered by one whole frame in,
+    in order (streamed pieces, if any, before it). Up to two may be outstanding: the batch the
+    worker runs and the next one, which waits in the socket until the worker takes it.
 
     A plain protocol rather than asyncio streams: the reply is taken from the socket's data in one
     piece, and the waiting call wakes once, when the whole frame is there.
@@ -42,8 +63,7 @@ class WorkerChannel(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._size: int | None = None
-        self._waiter: asyncio.Future[bytearray] | None = None
-        self._on_piece: Callable[[Piece, bytes], None] | None = None
+        self._pending: deque[Exchange] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio's classes
@@ -53,46 +73,64 @@ class WorkerChannel(asyncio.Protocol):
         buffer += data
         if self._size is None:
             self._size = protocol.frame_size(buffer)
-        while self._size is not None and len(buffer) >= self._size and buffer[0] == protocol.PIECE:
-            # A streamed piece, before the batch's answer: copied out, and handed on at once.
-            kind, meta, blob = protocol.decode(bytes(buffer[: self._size]))
-            del buffer[: self._size]
-            self._size = protocol.frame_size(buffer)
-            if self._on_piece is None:
-                log.error("worker sent a streamed piece nobody asked for; dropping its connection")
+        while self._size is not None and len(buffer) >= self._size:
+            size = self._size
+            pending = self._pending
+            if not pending:
+                # A worker answers each frame with exactly one: anything else means it is broken.
+                log.error("worker sent %d bytes nobody asked for; dropping its connection", len(buffer))
                 self.close()
                 return
-            self._on_piece(Piece.from_meta(meta), bytes(blob))
-        if self._size is None or len(buffer) < self._size:
-            return
-        waiter = self._waiter
-        if len(buffer) > self._size or waiter is None or waiter.done():
-            # A worker answers each frame with exactly one: anything else means it is broken.
-            log.error("worker sent %d bytes nobody asked for; dropping its connection", len(buffer))
-            self.close()
-            return
-        self._buffer = bytearray()
-        self._size = None
-        waiter.set_result(buffer)
+            head = pending[0]
+            if buffer[0] == protocol.PIECE:
+                # A streamed piece of the running batch: copied out, and handed on at once.
+                kind, meta, blob = protocol.decode(bytes(buffer[:size]))
+                del buffer[:size]
+                self._size = protocol.frame_size(buffer)
+                if head.on_piece is None:
+                    log.error("worker sent a streamed piece nobody asked for; dropping its connection")
+                    self.close()
+                    return
+                head.on_piece(Piece.from_meta(meta), bytes(blob))
+                continue
+            if len(buffer) == size:
+                # The common case, one whole answer: handed over as it is, without a copy.
+                frame, self._buffer, buffer = buffer, bytearray(), bytearray()
+            else:
+                frame = buffer[:size]
+                del buffer[:size]
+            self._size = protocol.frame_size(buffer)
+            pending.popleft()
+            if not head.reply.done():
+                head.reply.set_result(frame)
+            if pending:
+                pending[0].run()  # the worker has taken the next batch now
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ConnectionError("the worker's socket closed"))
+        while self._pending:
+            exchange = self._pending.popleft()
+            if not exchange.started.done():
+                exchange.started.set_result(None)  # never ran
+            if not exchange.reply.done():
+                exchange.reply.set_exception(ConnectionError("the worker's socket closed"))
+
+    def submit(self, buffers: list[protocol.Buffer], on_piece: Callable[[Piece, bytes], None] | None = None) -> Exchange:
+        """Send one frame; its answer will be ``reply`` (ConnectionError if the worker goes away
+        first), and each streamed piece that comes before it goes to ``on_piece``."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the worker's socket is closed")
+        exchange = Exchange(asyncio.get_running_loop(), on_piece)
+        self._pending.append(exchange)
+        if len(self._pending) == 1:
+            exchange.run()
+        self.transport.writelines(buffers)
+        return exchange
 
     async def exchange(
         self, buffers: list[protocol.Buffer], on_piece: Callable[[Piece, bytes], None] | None = None
     ) -> tuple[int, dict[str, Any], memoryview]:
-        """Send one frame and wait for the answer, handing each streamed piece that comes before
-        it to ``on_piece``; ConnectionError if the worker goes away first."""
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionError("the worker's socket is closed")
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._on_piece = on_piece
-        self.transport.writelines(buffers)
-        try:
-            return protocol.decode(await self._waiter)
-        finally:
-            self._on_piece = None
+        """Send one frame and wait for its answer."""
+        return protocol.decode(await self.submit(buffers, on_piece).reply)
 
     def send(self, buffers: list[protocol.Buffer]) -> None:
         """A frame that has no answer (a cancellation)."""
@@ -212,14 +250,9 @@ class WorkerProcess:
         finally:
             theirs.close()
 
-    async def predict(
-        self, batch: list[Job], on_piece: Callable[[Piece, bytes], None] | None = None
-    ) -> tuple[list[Reply], Result]:
-        """Run one batch: its replies, and the worker's Result (timings, the handler's metrics);
-        streamed pieces go to ``on_piece`` as they come.
-
-        Raises WorkerDied if the process goes away, WorkerError on a handler error.
-        """
+    def submit(self, batch: list[Job], on_piece: Callable[[Piece, bytes], None] | None = None) -> Exchange:
+        """Send one batch to the worker, which runs it when it has answered those sent before;
+        streamed pieces go to ``on_piece`` as they come. WorkerDied if the socket is gone."""
         assert self._channel is not None
         requests = []
         blobs: list[bytes] = []
@@ -227,9 +260,17 @@ class WorkerProcess:
             requests.append(Request(job.request_id, job.headers, [(n, t, len(v)) for n, t, v in job.params], job.envelope))
             blobs.extend(value for _, _, value in job.params)
         try:
-            kind, meta, blob = await self._channel.exchange(
-                protocol.encode(protocol.PREDICT, Predict(requests), blobs), on_piece
-            )
+            return self._channel.submit(protocol.encode(protocol.PREDICT, Predict(requests), blobs), on_piece)
+        except ConnectionError:
+            raise WorkerDied from None
+
+    async def result(self, exchange: Exchange) -> tuple[list[Reply], Result]:
+        """A submitted batch's replies, and the worker's Result (timings, the handler's metrics).
+
+        Raises WorkerDied if the process goes away, WorkerError on a handler error.
+        """
+        try:
+            kind, meta, blob = protocol.decode(await exchange.reply)
         except ConnectionError:
             raise WorkerDied from None
         if kind != protocol.RESULT:
@@ -244,6 +285,12 @@ class WorkerProcess:
             for r, body in zip(result.responses, bodies)
         ]
         return replies, result
+
+    async def predict(
+        self, batch: list[Job], on_piece: Callable[[Piece, bytes], None] | None = None
+    ) -> tuple[list[Reply], Result]:
+        """Run one batch (``submit`` and ``result``)."""
+        return await self.result(self.submit(batch, on_piece))
 
     def cancel(self, request_ids: list[str]) -> None:
         """Tell the worker these requests' clients have gone: it stops streaming to them."""

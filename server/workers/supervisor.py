@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..errors import ServerError, ServiceUnavailable, WorkerDied, WorkerError
 from ..models.batching import Job, JobQueue, Reply, collect_batch
@@ -28,7 +29,7 @@ from ..models.settings import ModelSettings
 from ..models.status import WorkerState, WorkerStatus
 from .messages import Load, Piece, Result
 from .placement import Placement, worker_threads
-from .process import WorkerProcess
+from .process import Exchange, WorkerProcess
 
 log = logging.getLogger("marserve.model")
 
@@ -68,9 +69,11 @@ class WorkerSlot:
     status: WorkerState = WorkerState.STARTING
     process: WorkerProcess | None = None
     stopping: bool = False
-    busy: bool = False
+    in_flight: int = 0  # batches sent to the worker and not answered: the one it runs, and the next
     task: asyncio.Task[None] | None = None
     serve_task: asyncio.Task[None] | None = None
+    # Serving lanes waiting for a batch to take (cancelled on stop; a lane with a batch finishes it).
+    idle_lanes: set[asyncio.Task[Any]] = field(default_factory=set)
     # Resolves with None once a first load succeeds, or with the error of a failed first load.
     first_load: asyncio.Future[WorkerError | None] = field(default_factory=_first_load)
     load_time_ms: float = 0.0
@@ -83,7 +86,9 @@ class WorkerSlot:
         pid = process.pid if process is not None else None
         started_at = process.started_at if process is not None else 0.0
         state = WorkerState.STOPPING if self.stopping and self.status != WorkerState.STOPPED else self.status
-        return WorkerStatus(self.id, state, pid, started_at, self.gpu_id, self.restarts, self.last_exit, self.loaded_at)
+        return WorkerStatus(
+            self.id, state, pid, started_at, self.gpu_id, self.restarts, self.last_exit, self.loaded_at, self.in_flight
+        )
 
 
 class Supervisor:
@@ -122,6 +127,8 @@ class Supervisor:
         self._collect_lock = asyncio.Lock()
         # The event loop keeps only weak references to tasks: an unreferenced one can vanish mid-run.
         self._background: set[asyncio.Task[None]] = set()
+        # Lanes waiting for a change that may let them take a batch (see notify).
+        self._watchers: list[asyncio.Future[None]] = []
         # Set by stop_starting: no worker starts or restarts any more.
         self._no_starts = False
 
@@ -177,10 +184,11 @@ class Supervisor:
         """
         for slot in slots:
             slot.stopping = True
-            if not slot.busy and slot.serve_task is not None:
-                slot.serve_task.cancel()
+            for lane in list(slot.idle_lanes):
+                lane.cancel()  # waiting for a batch; lanes with one finish it
             if slot.status != WorkerState.READY and slot.task is not None:
                 slot.task.cancel()
+        self.notify()
         await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
         for slot in slots:
             _stopped(slot)  # a task cancelled before its first step never ran its own finally
@@ -194,7 +202,7 @@ class Supervisor:
     async def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty and no batch is in flight; False on timeout."""
         deadline = time.monotonic() + timeout
-        while len(self.queue) or any(slot.busy for slot in self.slots):
+        while len(self.queue) or any(slot.in_flight for slot in self.slots):
             # A worker that is restarting will still serve the queue; only no worker at all can't.
             if time.monotonic() > deadline or not self.serving:
                 return False
@@ -254,6 +262,7 @@ class Supervisor:
             slot.load_time_ms = (time.perf_counter() - started) * 1000
             slot.loaded_at = time.time()
             slot.status = WorkerState.READY
+            self.notify()
             log.info(
                 "worker %s of %s:%s ready (pid %s, model loaded in %.2f s)",
                 slot.id, self.name, self.version, process.pid, slot.load_time_ms / 1000,
@@ -300,78 +309,174 @@ class Supervisor:
         await asyncio.gather(slot.serve_task, return_exceptions=True)
         slot.serve_task = None
 
+    # -- serving ---------------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Something that decides which lane may take a batch has changed: a job was queued, a
+        batch answered, a worker became ready or is stopping."""
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    async def _changed(self) -> None:
+        watcher = asyncio.get_running_loop().create_future()
+        self._watchers.append(watcher)
+        await watcher
+
+    def _may_take(self, slot: WorkerSlot) -> bool:
+        """Whether a lane of ``slot`` may take a batch now. A free worker always may; a busy one
+        may take the next batch (up to ``max_batches_in_flight``) only when the queue holds work
+        and no other worker of this version is free to take it."""
+        if slot.in_flight == 0:
+            return True
+        if slot.in_flight >= self.settings.max_batches_in_flight or not len(self.queue):
+            return False
+        return not any(
+            other.in_flight == 0 and other.status == WorkerState.READY and not other.stopping
+            for other in self.slots
+            if other is not slot
+        )
+
     async def _serve(self, slot: WorkerSlot, process: WorkerProcess) -> None:
-        settings = self.settings
-        loop = asyncio.get_running_loop()
+        """Serve the queue on this worker, with a lane for each batch it may hold at once: while it
+        runs one, the next waits in its socket, so it never waits for the frontend between the two."""
+        lanes = [asyncio.create_task(self._lane(slot, process)) for _ in range(self.settings.max_batches_in_flight)]
+        pending: set[asyncio.Task[bool]] = set(lanes)
+        try:
+            # Lanes end when the worker stops (each after its batch) or when it has died: then the
+            # other has nothing left to serve either.
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(not lane.cancelled() and lane.exception() is None and lane.result() for lane in done):
+                    break
+        finally:
+            for lane in lanes:
+                lane.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+
+    async def _lane(self, slot: WorkerSlot, process: WorkerProcess) -> bool:
+        """Take batches for this worker until it stops (False) or dies (True)."""
+        lane = asyncio.current_task()
+        assert lane is not None
         while not slot.stopping:
-            async with self._collect_lock:
-                batch = await collect_batch(self.queue, settings.batch_size, settings.max_batch_delay / 1000)
+            slot.idle_lanes.add(lane)
+            try:
+                while not self._may_take(slot):
+                    await self._changed()
+                    if slot.stopping:
+                        return False
+                async with self._collect_lock:
+                    if not self._may_take(slot):
+                        continue
+                    settings = self.settings
+                    batch = await collect_batch(self.queue, settings.batch_size, settings.max_batch_delay / 1000)
+            finally:
+                slot.idle_lanes.discard(lane)
             # Requests whose client went away are dropped before they cost any inference.
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
-            slot.busy = True
-            dispatched = time.perf_counter()
-            for job in batch:
-                job.dispatched = dispatched
-            timed_out = False
-
-            def on_timeout() -> None:
-                nonlocal timed_out
-                timed_out = True
-                log.error(
-                    "worker %s of %s:%s gave no response in %d s; killing it",
-                    slot.id, self.name, self.version, settings.response_timeout,
-                )  # fmt: skip
-                process.kill()
-
-            timer = loop.call_later(settings.response_timeout, on_timeout)
-
-            def on_piece(piece: Piece, body: bytes, batch: list[Job] = batch) -> None:
-                nonlocal timer
-                # For a streamed answer, response_timeout bounds the wait for each piece.
-                timer.cancel()
-                timer = loop.call_later(settings.response_timeout, on_timeout)
-                if not 0 <= piece.request < len(batch):
-                    return
-                job = batch[piece.request]
-                if not job.piece(piece.status, piece.phrase, piece.content_type, piece.headers, body):
-                    process.cancel([job.request_id])  # its client is gone: the worker stops streaming to it
-                elif job.stream is not None and job.stream.on_cancel is None:
-                    request_id = job.request_id
-                    job.stream.on_cancel = lambda: process.cancel([request_id])
-
-            result: Result | None = None
+            slot.in_flight += 1
             try:
-                replies, result = await process.predict(batch, on_piece)
-            except WorkerDied:
+                if not await self._run_batch(slot, process, batch):
+                    return True
+            finally:
+                slot.in_flight -= 1
+                self.notify()
+        return False
+
+    async def _run_batch(self, slot: WorkerSlot, process: WorkerProcess, batch: list[Job]) -> bool:
+        """Send one batch and answer its jobs; False when the worker died meanwhile.
+
+        A batch the worker never started (it was the next one when the worker died) goes back to
+        the front of the queue, for another worker or this one restarted: it is not failed for a
+        fault that is not its own.
+        """
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        dispatched = time.perf_counter()
+        for job in batch:
+            job.dispatched = dispatched
+        timed_out = False
+        timer: asyncio.TimerHandle | None = None
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            log.error(
+                "worker %s of %s:%s gave no response in %d s; killing it",
+                slot.id, self.name, self.version, settings.response_timeout,
+            )  # fmt: skip
+            process.kill()
+
+        def on_piece(piece: Piece, body: bytes) -> None:
+            nonlocal timer
+            # For a streamed answer, response_timeout bounds the wait for each piece.
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(settings.response_timeout, on_timeout)
+            if not 0 <= piece.request < len(batch):
+                return
+            job = batch[piece.request]
+            if not job.piece(piece.status, piece.phrase, piece.content_type, piece.headers, body):
+                process.cancel([job.request_id])  # its client is gone: the worker stops streaming to it
+            elif job.stream is not None and job.stream.on_cancel is None:
+                request_id = job.request_id
+                job.stream.on_cancel = lambda: process.cancel([request_id])
+
+        exchange: Exchange | None = None
+        result: Result | None = None
+        try:
+            exchange = process.submit(batch, on_piece)
+            await exchange.started
+            if exchange.ran:
+                # response_timeout runs from when the worker takes the batch, not from when it was sent.
+                timer = loop.call_later(settings.response_timeout, on_timeout)
+            replies, result = await process.result(exchange)
+        except WorkerDied:
+            if exchange is None or not exchange.ran:
+                self._put_back(batch)
+                return False
+            try:
                 if not timed_out:
                     # The exit status tells an OOM kill from a crash; it follows the EOF closely.
                     await process.wait_exit(0.5)
-                _fail_all(batch, _death_error(process, timed_out))
-                return
-            except WorkerError as exc:
-                result = Result(exc.status_code, exc.message, [], metrics=exc.metrics or None)
-                _fail_all(batch, exc)
-            except asyncio.CancelledError:
-                # Cancelled mid-batch: the process has exited (see _run_until_exit).
-                _fail_all(batch, _death_error(process, timed_out))
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests waiting for ever
-                log.exception("worker %s of %s:%s: unexpected error serving a batch", slot.id, self.name, self.version)
-                _fail_all(batch, WorkerError(f"{type(exc).__name__}: {exc}"))
-                process.kill()  # a fresh worker: this one's state is unknown
-                return
-            else:
-                for job, reply in zip(batch, replies):
-                    if job.stream is not None:
-                        _end_stream(job, reply)
-                    elif not job.future.done():
-                        job.future.set_result(reply)
             finally:
+                # Also when the exit, seen meanwhile, cancels this lane: the batch is answered.
+                _fail_all(batch, _death_error(process, timed_out))
+            return False
+        except WorkerError as exc:
+            result = Result(exc.status_code, exc.message, [], metrics=exc.metrics or None)
+            _fail_all(batch, exc)
+        except asyncio.CancelledError:
+            # Cancelled mid-batch: the process has exited (see _run_until_exit), or the server stops.
+            if exchange is None or not exchange.ran:
+                self._put_back(batch)
+            else:
+                _fail_all(batch, _death_error(process, timed_out))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave requests waiting for ever
+            log.exception("worker %s of %s:%s: unexpected error serving a batch", slot.id, self.name, self.version)
+            _fail_all(batch, WorkerError(f"{type(exc).__name__}: {exc}"))
+            process.kill()  # a fresh worker: this one's state is unknown
+            return False
+        else:
+            for job, reply in zip(batch, replies):
+                if job.stream is not None:
+                    _end_stream(job, reply)
+                elif not job.future.done():
+                    job.future.set_result(reply)
+        finally:
+            if timer is not None:
                 timer.cancel()
-                slot.busy = False
+            if result is not None or (exchange is not None and exchange.ran):
                 self._on_batch(len(batch), time.perf_counter() - dispatched, result)
+        return True
+
+    def _put_back(self, batch: list[Job]) -> None:
+        self.queue.put_back(job for job in batch if not job.future.done())
+        self.notify()
 
 
 async def first_failure(slots: list[WorkerSlot]) -> WorkerError | None:

@@ -237,6 +237,7 @@ def srv(start_module_server: ServerFactory) -> Server:
         Model("nodelay", "inf_batch_handler.py", batch_size=8, max_batch_delay=0),
         Model("b8", "inf_batch_handler.py", batch_size=8, max_batch_delay=50, initial_workers=2),
         Model("single", "inf_batch_handler.py", batch_size=1, max_batch_delay=0),
+        Model("single1", "inf_batch_handler.py", batch_size=1, max_batch_delay=0, max_batches_in_flight=1),
         Model("types", "inf_types_handler.py", batch_size=4, max_batch_delay=200),
     ]
     return start_module_server(models=models, name="batching")
@@ -328,25 +329,31 @@ def test_each_request_in_a_batch_keeps_its_headers_status_and_id(srv: Server) ->
         assert response.headers["x-row"] == f"r{i}"
 
 
-def test_departed_client_is_not_run(srv: Server) -> None:
+@pytest.mark.parametrize("model", ["single", "single1"])
+def test_departed_client_is_not_run(srv: Server, model: str) -> None:
+    """A request whose client left while it waited in the queue never reaches the handler. At depth
+    2 (``single``), the first one is already the worker's next batch: it runs, and costs only that."""
     result: dict[str, httpx.Response] = {}
-    url = f"{srv.inference}/predictions/single"
+    url = f"{srv.inference}/predictions/{model}"
+    seen = len(handled(srv))  # the batch log is the module's: only what this test runs counts
     slow = threading.Thread(target=lambda: result.setdefault("slow", httpx.post(url, content=b"sleep:1", timeout=10)))
     slow.start()
     deadline = time.monotonic() + 10
-    while not any("sleep:1" in bodies for _, bodies in handled(srv)):
+    while not any("sleep:1" in bodies for _, bodies in handled(srv)[seen:]):
         assert time.monotonic() < deadline, "the slow request never reached the handler"
         time.sleep(0.01)
-    # The worker is busy, so this one waits in the queue; its client gives up there.
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{srv.inference}/predictions/single", content=b"departed", timeout=0.3)
-    after = httpx.post(f"{srv.inference}/predictions/single", content=b"after", timeout=10)
+    # The worker is busy, so these wait (the first, at depth 2, in the worker); their clients give up.
+    for body in (b"departed-held", b"departed-queued"):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, content=body, timeout=0.3)
+    after = httpx.post(url, content=b"after", timeout=10)
     slow.join(10)
     assert result["slow"].status_code == 200
     assert after.status_code == 200
-    ran = [body for _, bodies in handled(srv) for body in bodies]
+    ran = [body for _, bodies in handled(srv)[seen:] for body in bodies]
     assert "after" in ran
-    assert "departed" not in ran
+    assert "departed-queued" not in ran
+    assert ("departed-held" in ran) == (model == "single")
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +371,8 @@ def test_full_queue_is_503_at_once(tiny_queue: Server) -> None:
     while not handled(tiny_queue):
         assert time.monotonic() < deadline, "the first request never reached the handler"
         time.sleep(0.01)
-    for i in range(2):
+    # One becomes the worker's next batch (depth 2), two fill the queue.
+    for i in range(3):
         body = f"queued-{i}".encode()
         thread = threading.Thread(target=lambda body=body: results.append(httpx.post(url, content=body, timeout=10)))
         thread.start()
@@ -390,5 +398,5 @@ def test_full_queue_is_503_at_once(tiny_queue: Server) -> None:
     }
     for thread in threads:
         thread.join(10)
-    assert [r.status_code for r in results] == [200, 200, 200]
+    assert [r.status_code for r in results] == [200, 200, 200, 200]
     assert "one too many" not in [body for _, bodies in handled(tiny_queue) for body in bodies]

@@ -436,9 +436,11 @@ DESCRIBE_KEYS = [
     "maxBatchDelay", "responseTimeout", "startupTimeout", "maxRetryTimeoutInSec", "clientTimeoutInMills",
     "parallelType", "parallelLevel", "deviceType", "continuousBatching", "useJobTicket", "useVenv",
     "stateful", "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
-    "loadedAtStartup", "workers", "jobQueueStatus",
+    "loadedAtStartup", "workers", "maxBatchesInFlight", "overlapStages", "jobQueueStatus",
 ]  # fmt: skip
-WORKER_KEYS = ["id", "startTime", "status", "state", "memoryUsage", "pid", "gpu", "gpuUsage"]
+WORKER_KEYS = [
+    "id", "startTime", "status", "state", "batchesInFlight", "restarts", "lastExit", "memoryUsage", "pid", "gpu", "gpuUsage",
+]
 
 
 def test_describe_shape(mgmt: Server) -> None:
@@ -482,6 +484,8 @@ def test_describe_shape(mgmt: Server) -> None:
         "maxNumSequence": 0,
         "maxSequenceJobQueueSize": 0,
         "loadedAtStartup": False,
+        "maxBatchesInFlight": 2,
+        "overlapStages": False,
         "jobQueueStatus": {"remainingCapacity": 100, "pendingRequests": 0},
     }
 
@@ -677,15 +681,19 @@ def test_failed_new_version_keeps_the_default(mgmt: Server) -> None:
     assert predict(mgmt, "ver").content == b"1.0"
 
 
-def test_unregister_lets_requests_in_flight_finish(mgmt: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", [1, 2])
+def test_unregister_lets_requests_in_flight_finish(mgmt: Server, tmp_path: Path, depth: int) -> None:
     make_mar(mgmt.store, "slow", "mgmt_slow_handler.py")
-    assert register(mgmt, "slow.mar", initial_workers=1).status_code == 200
+    assert register(mgmt, "slow.mar", initial_workers=1, max_batches_in_flight=depth).status_code == 200
     first, second = tmp_path / "first", tmp_path / "second"
     join = in_threads(*(lambda m=m: predict(mgmt, "slow", str(m).encode()) for m in (first, second)))
-    # One request in the worker and one waiting in the queue: both must be answered.
+    # One request in the worker, and one waiting in the queue (depth 1) or held as the worker's
+    # next batch (depth 2): both must be answered.
     wait_for(
-        lambda: (first.exists() or second.exists()) and pending(mgmt, "slow") == 1,
-        what="one request in flight and one queued",
+        lambda: (first.exists() or second.exists())
+        and pending(mgmt, "slow") == 2 - depth
+        and describe(mgmt, "slow")["workers"][0]["batchesInFlight"] == depth,
+        what="one request running and one waiting",
     )
     assert_status(call(mgmt, "DELETE", "/models/slow"), 200, 'Model "slow" unregistered')
     answers = join()

@@ -144,13 +144,20 @@ def started(srv: Server) -> list[str]:
 
 
 def test_request_whose_client_left_while_queued_never_reaches_the_handler(srv: Server) -> None:
-    with ThreadPoolExecutor(1) as pool:
+    def in_flight() -> int:
+        return int(srv.http.get(f"{srv.management}/models/slow").json()[0]["workers"][0]["batchesInFlight"])
+
+    with ThreadPoolExecutor(2) as pool:
         holding = pool.submit(srv.predict, "slow", b"1.5 hold")
         wait_for(lambda: "1.5 hold" in started(srv), what="the first request to reach the worker")
+        # The worker holds the next batch (maxBatchesInFlight 2): the abandoned one waits in the queue.
+        held = pool.submit(srv.predict, "slow", b"0 held")
+        wait_for(lambda: in_flight() == 2, what="a batch held in the worker")
         with connect(srv) as sock:
             sock.sendall(post("/predictions/slow", b"0 abandoned"))
-            time.sleep(0.3)  # long enough to be queued behind the first
+            time.sleep(0.3)  # long enough to be queued behind the first two
         assert holding.result().status_code == 200
+        assert held.result().status_code == 200
     after = srv.predict("slow", b"0 after")
     assert after.status_code == 200
     assert "0 abandoned" not in started(srv)

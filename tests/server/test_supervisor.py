@@ -27,6 +27,18 @@ LOAD = Load(
 )  # fmt: skip
 
 
+class FakeExchange:
+    def __init__(self, batch: list[Job]) -> None:
+        self.batch = batch
+        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ran = False
+
+    def run(self) -> None:
+        self.ran = True
+        if not self.started.done():
+            self.started.set_result(None)
+
+
 class FakeProcess:
     """A worker process stand-in: ``script`` decides how each start and each batch go."""
 
@@ -41,6 +53,7 @@ class FakeProcess:
         self.started_at = time.time()
         self.returncode: int | None = None
         self._exited = asyncio.Event()
+        self.sent: list[FakeExchange] = []
 
     async def start(self, timeout: float) -> None:
         outcome = self.script.loads.pop(0) if self.script.loads else None
@@ -55,14 +68,33 @@ class FakeProcess:
             finally:
                 self.script.loading -= 1
 
-    async def predict(self, batch: list[Job], on_piece: Any = None) -> tuple[list[Reply], Result]:
-        self.script.batches.append([job.request_id for job in batch])
-        return await self.script.predict(self, batch)
+    def submit(self, batch: list[Job], on_piece: Any = None) -> FakeExchange:
+        """Like a worker, it runs one batch at a time, in the order they were sent."""
+        exchange = FakeExchange(batch)
+        self.sent.append(exchange)
+        if len(self.sent) == 1:
+            exchange.run()
+        return exchange
+
+    async def result(self, exchange: FakeExchange) -> tuple[list[Reply], Result]:
+        await exchange.started
+        if not exchange.ran or self.returncode is not None:
+            raise WorkerDied
+        self.script.batches.append([job.request_id for job in exchange.batch])
+        try:
+            return await self.script.predict(self, exchange.batch)
+        finally:
+            self.sent.remove(exchange)
+            if self.sent:
+                self.sent[0].run()
 
     def kill(self, returncode: int = -signal.SIGKILL) -> None:
         if self.returncode is None:
             self.returncode = returncode
         self._exited.set()
+        for exchange in self.sent:
+            if not exchange.started.done():
+                exchange.started.set_result(None)  # never ran
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.kill(0)

@@ -14,10 +14,18 @@ from ..messages import Cancel, Piece
 
 Frame = tuple[int, dict[str, Any], memoryview]
 
+#: Cancelled request ids kept at most, for a pipelined worker (a cancellation can come after its
+#: request was answered, and nothing else would ever remove it).
+MAX_GONE = 4096
+
 
 class Channel:
-    def __init__(self, sock: socket.socket) -> None:
+    """``pipelined``: one thread reads the socket (``recv``) while another runs batches and streams;
+    cancellations are then noted by the reader alone, and ``gone`` only looks them up."""
+
+    def __init__(self, sock: socket.socket, pipelined: bool = False) -> None:
         self.sock = sock
+        self.pipelined = pipelined
         self._pending: deque[Frame] = deque()  # frames read early, while looking for cancellations
         self._eof = False
         self._gone: set[str] = set()
@@ -35,10 +43,21 @@ class Channel:
                     return None
                 frame = received
             if frame[0] != frames.CANCEL:
-                # A new batch: cancellations were for the last one's requests.
-                self._gone.clear()
+                if not self.pipelined:
+                    # A new batch: cancellations were for the last one's requests.
+                    self._gone.clear()
                 return frame
-            self._gone.update(Cancel.from_meta(frame[1]).ids)
+            self._note(Cancel.from_meta(frame[1]).ids)
+
+    def _note(self, ids: list[str]) -> None:
+        if self.pipelined and len(self._gone) + len(ids) > MAX_GONE:
+            self._gone.clear()  # set only by another thread; a set's clear and update are atomic
+        self._gone.update(ids)
+
+    def finished(self, request_ids: list[str]) -> None:
+        """A pipelined worker has answered these requests: their cancellations, if any, are moot."""
+        if self._gone:
+            self._gone.difference_update(request_ids)
 
     def send(self, buffers: list[Buffer]) -> None:
         frames.send_frame(self.sock, buffers)
@@ -48,7 +67,7 @@ class Channel:
 
     def gone(self, request_id: str) -> bool:
         """Whether the frontend said this request's client has gone; reads what has arrived, never waits."""
-        while not self._eof and select.select([self.sock], [], [], 0)[0]:
+        while not self.pipelined and not self._eof and select.select([self.sock], [], [], 0)[0]:
             frame = frames.recv_frame(self.sock)
             if frame is None:
                 self._eof = True

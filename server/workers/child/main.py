@@ -1,8 +1,8 @@
 """Worker process entry point: ``python -m server.workers.child --fd N``.
 
 The frontend hands the worker one end of a socket pair as file descriptor N. The worker
-reads a LOAD frame, loads the handler, answers LOADED, then serves PREDICT frames one at a
-time until the socket closes. It also dies with its parent (PR_SET_PDEATHSIG), so a frontend
+reads a LOAD frame, loads the handler, answers LOADED, then serves PREDICT frames in order
+until the socket closes (``pipeline.py``). It also dies with its parent (PR_SET_PDEATHSIG), so a frontend
 killed with SIGKILL leaves no orphans behind.
 """
 
@@ -22,7 +22,8 @@ from handlers.context import Context
 from handlers.metrics import MetricsCache
 
 from .. import frames as protocol
-from ..messages import Load, Loaded, Predict
+from ..messages import Load, Loaded
+from . import pipeline
 from .channel import Channel
 from .loader import load_handler
 from .service import Service
@@ -63,7 +64,7 @@ def _load(load: Load) -> Service:
         metrics=metrics,
     )
     initialize(context)
-    return Service(entry, context, load.decode_input_request, load.max_response_size, load.envelope)
+    return Service(entry, context, load.decode_input_request, load.max_response_size, load.envelope, load.overlap_stages)
 
 
 def _load_failure(exc: BaseException) -> Loaded:
@@ -97,12 +98,6 @@ def main(argv: list[str]) -> int:
     print(f"worker pid {os.getpid()} loaded model {load.model_name} with handler {load.handler}", flush=True)
     protocol.send_frame(sock, protocol.encode(protocol.LOADED, Loaded(200, "loaded", os.getpid())))
     sys.stdout.flush()
-    channel = Channel(sock)
+    channel = Channel(sock, pipelined=service.pipelined)
     service.channel = channel
-    while (frame := channel.recv()) is not None:
-        kind, meta, blob = frame
-        if kind != protocol.PREDICT:
-            return 1
-        result, parts = service.handle(Predict.from_meta(meta), blob)
-        channel.send(protocol.encode(protocol.RESULT, result, parts))
-    return 0
+    return pipeline.serve(channel, service)

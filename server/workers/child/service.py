@@ -7,12 +7,14 @@ another path, ``_handle_enveloped``; see ``envelopes.py``. Requests without one 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -48,6 +50,7 @@ class _Broken:
     """A stream whose iterator raised: its request's entry is an error after its pieces."""
 
     message: str
+
 
 def decode_value(raw: memoryview, content_type: str | None, decode: bool) -> Any:
     """TorchServe's per-parameter decoding: JSON parsed, text as str, anything else a bytearray."""
@@ -108,12 +111,55 @@ def to_json(value: Any) -> bytes:
         raise WorkerError("Unsupported model output data type.", 503) from None
 
 
+def staged_handler(entry: Entry) -> Any:
+    """The handler whose steps may run as a pipeline: one whose entry point is ``BaseHandler``'s own
+    ``handle`` (preprocess, inference, postprocess); None for a function or a ``handle`` of its own."""
+    base = sys.modules.get("handlers.base_handler")  # imported by any handler that has the steps
+    handler = getattr(entry, "__self__", None)
+    if base is None or not isinstance(handler, base.BaseHandler):
+        return None
+    if type(handler).handle is not base.BaseHandler.handle:
+        return None
+    return handler
+
+
+def _say_overlap(entry: Entry, handler: Any) -> None:
+    """The model log's word on ``overlapStages``: on, or why not."""
+    name = type(getattr(entry, "__self__", None) or entry).__name__
+    if handler is None:
+        print(f"overlapStages: {name} does not use BaseHandler's handle; its batches run whole, one at a time")
+    elif not handler.overlaps_safely():
+        print(
+            f"overlapStages: {name} does not declare its steps thread-safe (stages_thread_safe = True); "
+            "overlapping them as the model's configuration asks"
+        )
+    else:
+        print(f"overlapStages: {name}'s preprocess of a batch overlaps the previous batch's inference")
+
+
+@dataclass
+class Batch:
+    """One batch on its way through the worker: read by ``Service.prepare``, then run and answered
+    by ``Service.complete``. With overlapped stages the two run on different threads, so everything
+    that is the batch's own lives here, its context included."""
+
+    requests: list[Request]
+    context: Context
+    data: Any = None  # the handler's input; with overlapped stages, its preprocessed StartedBatch
+    plans: list[_Plan] | None = None  # with envelopes: each request's plan
+    n_rows: int = 0  # with envelopes: the rows the handler gets
+    calls: bool = True  # whether the handler runs (not when envelopes refused every request)
+    error: WorkerError | None = None  # failed while being read or preprocessed
+    prepare_ms: float = 0.0  # the handler's time in ``prepare`` (an overlapped preprocess)
+    streamed: set[int] = field(default_factory=set)  # requests that have sent a piece
+
+
 class Service:
     """A loaded handler and the context it keeps between batches."""
 
     def __init__(
         self, entry: Entry, context: Context, decode_input_request: bool, max_response_size: int | None = None,
-        envelope: str | None = None,
+        envelope: str | None = None, overlap_stages: bool = False,
     ) -> None:  # fmt: skip
         self.entry = entry
         self.context = context
@@ -129,19 +175,78 @@ class Service:
             from .envelopes import configured
 
             self.envelope = configured(envelope)
+        #: The handler whose steps run as a pipeline (``overlapStages``); None: batches run whole.
+        self.stages: Any = staged_handler(entry) if overlap_stages else None
+        if overlap_stages:
+            _say_overlap(entry, self.stages)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.stages is not None
 
     def handle(self, predict: Predict, blob: memoryview) -> tuple[Result, list[Buffer]]:
         """One batch: its Result and the response bodies, in order."""
+        return self.complete(self.prepare(predict, blob))
+
+    def prepare(self, predict: Predict, blob: memoryview) -> Batch:
+        """Read a batch's inputs for the handler and, with overlapped stages, preprocess them."""
+        started = time.perf_counter()
         requests = predict.requests
-        if self.envelope is not None:
-            return self._handle_enveloped(requests, blob)
-        sizes = [size for request in requests for _, _, size in request.params]
-        values = iter(split(blob, sizes))
+        batch = Batch(requests, self._batch_context())
+        try:
+            if self.envelope is not None or any(request.envelope is not None for request in requests):
+                self._expand(batch, blob)
+            else:
+                self._read(batch, blob)
+            if batch.calls and self.stages is not None:
+                batch.data = self._guarded(self.stages.start_batch, batch.data, batch.context)
+        except WorkerError as exc:
+            batch.error = exc
+        batch.prepare_ms = (time.perf_counter() - started) * 1000
+        return batch
+
+    def complete(self, batch: Batch) -> tuple[Result, list[Buffer]]:
+        """Run a prepared batch's handler (the rest of its steps) and answer its requests."""
+        started = time.perf_counter()
+        metrics = batch.context.metrics
+        try:
+            if batch.error is not None:
+                raise batch.error
+            if batch.plans is not None:
+                parts, responses, prediction_ms = self._complete_enveloped(batch, batch.plans)
+            else:
+                outputs = self._call(batch)
+                self._check(outputs, len(batch.requests))
+                # TorchServe's PredictionTime: the entry-point call only, and only when it succeeded.
+                # A plain number: the frontend records it, so the worker builds no metric for it.
+                prediction_ms = batch.prepare_ms + (time.perf_counter() - started) * 1000
+                if any(hasattr(output, "__next__") for output in outputs):
+                    outputs = self._stream(batch, outputs)
+                parts, responses = self._encode(batch, outputs)
+        except WorkerError as exc:
+            # Failed batches carry their metrics too: counters recorded before the failure count.
+            error_type = exc.type_name if exc.type_name != WorkerError.type_name else None
+            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
+        handler_ms = batch.prepare_ms + (time.perf_counter() - started) * 1000
+        return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+
+    def _batch_context(self) -> Context:
+        """The context a batch's handler sees: the worker's own, or with overlapped stages a copy
+        per batch, since two batches are in the handler at once (metrics still go to one store)."""
+        if self.stages is None:
+            return self.context
+        context = copy.copy(self.context)
+        if context.metrics is not None:
+            context.metrics = copy.copy(context.metrics)  # its own request ids, the same records
+        return context
+
+    def _read(self, batch: Batch, blob: memoryview) -> None:
+        """A batch without envelopes: each request's parameters, decoded, as one row."""
+        requests = batch.requests
+        values = iter(split(blob, [size for request in requests for _, _, size in request.params]))
         data: list[dict[str, Any]] = []
         processors: list[RequestProcessor] = []
         for request in requests:
-            if request.envelope is not None:
-                return self._handle_enveloped(requests, blob)  # reads the batch afresh
             headers = RequestHeaders(request.headers)
             row = {}
             for name, content_type, _ in request.params:
@@ -150,42 +255,25 @@ class Service:
                 headers[name] = {"content-type": content_type}
             data.append(row)
             processors.append(RequestProcessor(headers))
-        context = self.context
+        batch.data = data
+        context = batch.context
         context.request_ids = {i: request.id for i, request in enumerate(requests)}
         context.request_processor = processors
-        streamed: set[int] = set()
-        context.piece_sink = lambda idx, value: self._piece(requests, streamed, idx, value)
-        context.client_gone = lambda idx: self._gone(requests, idx)
-        metrics = context.metrics
-        if metrics is not None:
-            metrics.request_ids = context.request_ids  # so idx=None tags a metric with every id
-        started = time.perf_counter()
-        try:
-            outputs = self._call(data)
-            self._check(outputs, len(requests))
-            # TorchServe's PredictionTime: the entry-point call only, and only when it succeeded.
-            # A plain number: the frontend records it, so the worker builds no metric for it.
-            prediction_ms = (time.perf_counter() - started) * 1000
-            if any(hasattr(output, "__next__") for output in outputs):
-                outputs = self._stream(requests, streamed, outputs)
-            parts, responses = self._encode(outputs)
-        except WorkerError as exc:
-            # Failed batches carry their metrics too: counters recorded before the failure count.
-            error_type = exc.type_name if exc.type_name != WorkerError.type_name else None
-            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
-        handler_ms = (time.perf_counter() - started) * 1000
-        return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+        context.piece_sink = lambda idx, value: self._piece(batch, idx, value)
+        context.client_gone = lambda idx: self._gone(requests[idx].id)
+        if context.metrics is not None:
+            context.metrics.request_ids = context.request_ids  # so idx=None tags a metric with every id
 
     # -- streamed responses ---------------------------------------------------------------------
 
-    def _piece(self, requests: list[Request], streamed: set[int], idx: int, value: Any) -> None:
+    def _piece(self, batch: Batch, idx: int, value: Any) -> None:
         """Send one piece of request ``idx``'s response now, with its status and headers so far."""
         if self.channel is None:
             raise RuntimeError("streamed responses need the worker's channel")
-        if self._gone(requests, idx):
+        if self._gone(batch.requests[idx].id):
             return  # nobody reads it
         body, content_type = encode_output(value)
-        processor = self.context.request_processor[idx]
+        processor = batch.context.request_processor[idx]
         headers = []
         for key, header in processor.get_response_headers().items():
             if str(key).lower() == "content-type":
@@ -194,12 +282,12 @@ class Service:
                 headers.append((str(key), str(header)))
         status, phrase = processor.get_response_status_code(), processor.get_response_status_phrase() or ""
         self.channel.send_piece(Piece(idx, status, phrase, content_type, headers), body)
-        streamed.add(idx)
+        batch.streamed.add(idx)
 
-    def _gone(self, requests: list[Request], idx: int) -> bool:
-        return self.channel is not None and self.channel.gone(requests[idx].id)
+    def _gone(self, request_id: str) -> bool:
+        return self.channel is not None and self.channel.gone(request_id)
 
-    def _stream(self, requests: list[Request], streamed: set[int], outputs: list[Any]) -> list[Any]:
+    def _stream(self, batch: Batch, outputs: list[Any]) -> list[Any]:
         """Send the items of the outputs that are iterators as pieces, taking one from each in
         turn, so that every stream of the batch moves; the outputs with each iterator replaced by
         how its stream ended."""
@@ -207,7 +295,7 @@ class Service:
         active = {idx: output for idx, output in enumerate(outputs) if hasattr(output, "__next__")}
         while active:
             for idx, iterator in list(active.items()):
-                if self._gone(requests, idx):
+                if self._gone(batch.requests[idx].id):
                     close = getattr(iterator, "close", None)
                     if close is not None:
                         close()  # a generator's finally blocks run: it stops generating
@@ -219,19 +307,27 @@ class Service:
                 except StopIteration:
                     del active[idx]
                     # A stream with no piece at all is an empty response.
-                    final[idx] = _ENDED if idx in streamed else b""
+                    final[idx] = _ENDED if idx in batch.streamed else b""
                     continue
                 except Exception as exc:  # noqa: BLE001 - one broken stream fails only its request
                     traceback.print_exc()
                     del active[idx]
                     final[idx] = _Broken(f"the handler failed mid-stream: {type(exc).__name__}: {exc}")
                     continue
-                self._piece(requests, streamed, idx, item)
+                self._piece(batch, idx, item)
         return final
 
-    def _call(self, data: list[dict[str, Any]]) -> Any:
+    def _call(self, batch: Batch) -> Any:
+        """The handler's outputs for the batch: its entry point, or its steps after preprocess."""
+        if self.stages is not None:
+            return self._guarded(self.stages.finish_batch, batch.data)
+        return self._guarded(self.entry, batch.data, batch.context)
+
+    @staticmethod
+    def _guarded(step: Callable[..., Any], *args: Any) -> Any:
+        """A call into the handler, its failures as the WorkerError that fails the batch."""
         try:
-            return self.entry(data, self.context)
+            return step(*args)
         except PredictionException as exc:
             raise WorkerError(exc.message, exc.error_code, type_name=exc.type_name) from None
         except MemoryError:
@@ -251,10 +347,10 @@ class Service:
             print(f"handler returned {len(outputs)} outputs for {expected} requests", file=sys.stderr)
             raise WorkerError("number of batch response mismatched", 503)
 
-    def _encode(self, outputs: list[Any]) -> tuple[list[Buffer], list[Response]]:
+    def _encode(self, batch: Batch, outputs: list[Any]) -> tuple[list[Buffer], list[Response]]:
         parts: list[Buffer] = []
         responses: list[Response] = []
-        processors = self.context.request_processor
+        processors = batch.context.request_processor
         for idx, output in enumerate(outputs):
             if output is _ENDED:
                 responses.append(Response(0, "", None, [], 0))
@@ -265,12 +361,12 @@ class Service:
                 responses.append(Response(broken.status, "", broken.content_type, [], len(broken.body)))
                 continue
             body, implied_type = encode_output(output)
-            self._respond(parts, responses, body, implied_type, processors[idx], idx)
+            self._respond(parts, responses, body, implied_type, processors[idx], batch.requests[idx].id)
         return parts, responses
 
     def _respond(
         self, parts: list[Buffer], responses: list[Response], body: Buffer, content_type: str | None,
-        processor: RequestProcessor, idx: int, own: list[tuple[str, str]] | None = None,
+        processor: RequestProcessor, request_id: str, own: list[tuple[str, str]] | None = None,
     ) -> None:  # fmt: skip
         """Add one request's response: the handler's status and headers for it, and its content
         type unless ``own`` is given (the headers of a response an envelope wrote, its type fixed)."""
@@ -288,7 +384,7 @@ class Service:
             # Never shipped: this one request gets the error in its place (TorchServe kills the
             # worker and answers "Worker died."); the rest of the batch and the worker carry on.
             print(
-                f"response to request {(self.context.request_ids or {}).get(idx)} is {len(body)} bytes, "
+                f"response to request {request_id} is {len(body)} bytes, "
                 f"over max_response_size ({self.max_response_size}); not sent",
                 file=sys.stderr,
             )
@@ -301,42 +397,27 @@ class Service:
 
     # -- envelopes --------------------------------------------------------------------------------
 
-    def _handle_enveloped(self, requests: list[Request], blob: memoryview) -> tuple[Result, list[Buffer]]:
-        """A batch with envelopes: each request is expanded into handler rows by its envelope, the
-        handler runs once on all rows, and each request is answered from its own rows' outputs.
+    def _complete_enveloped(self, batch: Batch, plans: list[_Plan]) -> tuple[list[Buffer], list[Response], float | None]:
+        """A batch with envelopes: the handler runs once on all requests' rows (``_expand``), and
+        each request is answered from its own rows' outputs. Its parts, responses and PredictionTime.
 
         The handler's context has one entry per row (``request_ids``, ``request_processor``), so a
         handler that answers row ``i`` (``set_response_status(..., idx=i)``) answers its request. A
         batch of one request is handed to its envelope whole: exactly TorchServe's envelope.
         """
-        context = self.context
-        # Streaming is for requests without an envelope: an envelope answers a request as a whole.
-        context.piece_sink = None
-        metrics = context.metrics
-        started = time.perf_counter()
-        try:
-            plans, data, n_rows = self._expand(requests, blob)
-            prediction_ms: float | None = None
-            results: Any = []
-            if any(plan.refusal is None for plan in plans) and (len(plans) == 1 or n_rows):
-                context.request_ids = {i: plan.call.request_id for plan in plans for i in plan.rows}
-                context.request_processor = [processor for plan in plans for processor in plan.processors]
-                if metrics is not None:
-                    metrics.request_ids = context.request_ids
-                called = time.perf_counter()
-                results = self._call(data)
-                if len(plans) > 1:
-                    self._check(results, n_rows)
-                prediction_ms = (time.perf_counter() - called) * 1000
-            parts: list[Buffer] = []
-            responses: list[Response] = []
-            for idx, plan in enumerate(plans):
-                self._reply(plan, results, len(plans) == 1, parts, responses, idx)
-        except WorkerError as exc:
-            error_type = exc.type_name if exc.type_name != WorkerError.type_name else None
-            return Result(exc.status_code, exc.message, [], metrics=_drain(metrics), error_type=error_type), []
-        handler_ms = (time.perf_counter() - started) * 1000
-        return Result(200, "", responses, handler_ms, prediction_ms, _drain(metrics)), parts
+        prediction_ms: float | None = None
+        results: Any = []
+        if batch.calls:
+            called = time.perf_counter()
+            results = self._call(batch)
+            if len(plans) > 1:
+                self._check(results, batch.n_rows)
+            prediction_ms = (time.perf_counter() - called) * 1000 + (batch.prepare_ms if self.stages else 0.0)
+        parts: list[Buffer] = []
+        responses: list[Response] = []
+        for plan in plans:
+            self._reply(plan, results, len(plans) == 1, parts, responses)
+        return parts, responses, prediction_ms
 
     def _named(self, name: str) -> Envelope | None:
         if self._envelopes is None:
@@ -345,10 +426,15 @@ class Service:
             self._envelopes = per_request(self.context.model_yaml_config)
         return self._envelopes.get(name)
 
-    def _expand(self, requests: list[Request], blob: memoryview) -> tuple[list[_Plan], Any, int]:
-        """Each request's plan, the handler's data, and the number of rows in it."""
+    def _expand(self, batch: Batch, blob: memoryview) -> None:
+        """A batch with envelopes: each request's plan (its envelope, what it read, its rows), the
+        handler's data, and the number of rows in it."""
         from .envelopes import Call, EnvelopeError
 
+        requests, context = batch.requests, batch.context
+        # Streaming is for requests without an envelope: an envelope answers a request as a whole.
+        context.piece_sink = None
+        context.client_gone = lambda idx: False
         single = len(requests) == 1
         values = iter(split(blob, [size for request in requests for _, _, size in request.params]))
         plans: list[_Plan] = []
@@ -363,7 +449,7 @@ class Service:
                 value = next(values)
                 row[name] = value if raw else decode_value(value, content_type, self.decode)
                 headers[name] = {"content-type": content_type}
-            plan = _Plan(Call(request.id, headers, self.context), envelope)
+            plan = _Plan(Call(request.id, headers, context), envelope)
             plans.append(plan)
             if envelope is None and request.envelope is not None:
                 print(f"request {request.id} names an unknown envelope {request.envelope!r}", file=sys.stderr)
@@ -398,11 +484,15 @@ class Service:
             first = len(plans) - 1 if single else plan.start
             plan.rows = range(first, first + count)
             plan.processors = [RequestProcessor(headers) for _ in plan.rows]
-        return plans, data, len(rows)
+        batch.plans, batch.data, batch.n_rows = plans, data, len(rows)
+        batch.calls = any(plan.refusal is None for plan in plans) and (single or bool(rows))
+        if batch.calls:
+            context.request_ids = {i: plan.call.request_id for plan in plans for i in plan.rows}
+            context.request_processor = [processor for plan in plans for processor in plan.processors]
+            if context.metrics is not None:
+                context.metrics.request_ids = context.request_ids
 
-    def _reply(
-        self, plan: _Plan, results: Any, single: bool, parts: list[Buffer], responses: list[Response], idx: int
-    ) -> None:
+    def _reply(self, plan: _Plan, results: Any, single: bool, parts: list[Buffer], responses: list[Response]) -> None:
         """Answer one request of an enveloped batch from the handler's ``results``."""
         from .envelopes import EnvelopeError, Formatted
 
@@ -418,7 +508,7 @@ class Service:
             if single:
                 self._check(outputs, 1)
             body, implied_type = encode_output(outputs[0])
-            self._respond(parts, responses, body, implied_type, processor, idx)
+            self._respond(parts, responses, body, implied_type, processor, plan.call.request_id)
             return
         if envelope.strict:
             failure = _failure(plan.processors, outputs)
@@ -436,7 +526,9 @@ class Service:
                 responses.append(Response(exc.status, "", refusal.content_type, [], len(refusal.body)))
                 return
             if isinstance(formatted, Formatted):
-                self._respond(parts, responses, formatted.body, formatted.content_type, processor, idx, formatted.headers)
+                self._respond(
+                    parts, responses, formatted.body, formatted.content_type, processor, plan.call.request_id, formatted.headers
+                )
                 return
             entries = formatted
         else:
@@ -455,7 +547,7 @@ class Service:
                     return
         self._check(entries, 1)
         body, implied_type = encode_output(entries[0])
-        self._respond(parts, responses, body, implied_type, processor, idx)
+        self._respond(parts, responses, body, implied_type, processor, plan.call.request_id)
 
 
 @dataclass
