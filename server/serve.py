@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .apis import inference, kserve_v1, management, oip
+from .apis import dashboard, inference, kserve_v1, management, oip
 from .apis import metrics as metrics_api
 from .config import ServerConfig, key_warnings
 from .http.access_log import AccessLog, NoAccessLog
@@ -77,7 +77,13 @@ def _listeners(
             listener("management", Router(management_routes, default_key=MANAGEMENT)),
         ]
     if config.enable_metrics_api:
-        listeners.append(listener("metrics", Router(metrics_api.routes(metrics, config.metrics_mode), default_key=None)))
+        # The dashboard counts every listener's open connections (this one's too) when polled.
+        dashboard_routes = dashboard.routes(
+            registry, metrics, lambda: {each.api: len(each.door.connections) for each in listeners},
+            system_metrics=not config.disable_system_metrics,
+        )  # fmt: skip
+        metrics_routes = [*metrics_api.routes(metrics, config.metrics_mode), *dashboard_routes]
+        listeners.append(listener("metrics", Router(metrics_routes, default_key=None)))
     return listeners
 
 

@@ -68,7 +68,7 @@ def queue_job(
 
     def record(status: int) -> None:
         queued = job.dispatched - job.received if job.dispatched else 0.0
-        metrics.inference(model.name, url_version, model.version, time.perf_counter() - job.received, queued)
+        metrics.inference(model.name, url_version, model.version, time.perf_counter() - job.received, queued, status)
 
     # Counted once answered, even when refused at the queue, as TorchServe counts predictions.
     request.on_answered = record

@@ -70,7 +70,7 @@ def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callab
 
         def record(status: int) -> None:
             queued = job.dispatched - job.received if job.dispatched else 0.0
-            metrics.inference(name, version or None, model.version, time.perf_counter() - job.received, queued)
+            metrics.inference(name, version or None, model.version, time.perf_counter() - job.received, queued, status)
             if job.stream is not None:
                 metrics.stream(name, model.version, job.stream.first_at - job.received, job.stream.pieces)
 

@@ -77,6 +77,8 @@ class Metrics:
         self.registry.register(self._workers)
         self._refused = _Refusals()
         self.registry.register(self._refused)
+        self._responses = _ModelResponses()
+        self.registry.register(self._responses)
         # Per model version: its histogram series and its PredictionTime gauge's label values.
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
@@ -86,7 +88,7 @@ class Metrics:
             children = tuple(
                 h.series((name, version))
                 for h in (self.request_seconds, self.queue_seconds, self.handler_seconds, self.batch_size)
-            ) + ((name, "Model", self.hostname),)
+            ) + ((name, "Model", self.hostname), self._responses.series((name, version)))
             self._children[(name, version)] = children
         return children
 
@@ -100,15 +102,20 @@ class Metrics:
         """A connection or message refused before it was a request (``marserve_http_refused_total``)."""
         self._refused.counts[reason] += 1
 
-    def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
-        """One inference request that reached its model's queue, answered after ``seconds``."""
+    def inference(
+        self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float, status: int | None = None
+    ) -> None:
+        """One inference request that reached its model's queue, answered after ``seconds`` with
+        HTTP ``status`` (None: a caller that does not say, counted in no status class)."""
         key = (name, url_version or "default")
         ts = self._ts
         ts.requests[key] += 1
         ts.latency_us[key] += seconds * 1e6
         ts.queue_us[key] += queue_seconds * 1e6
-        request, queue, _, _, _ = self._model(name, version)
+        request, queue, _, _, _, responses = self._model(name, version)
         request.observe(seconds)
+        if status is not None:
+            responses[_CLASS_INDEX[_status_class(status)]] += 1
         if queue_seconds:
             queue.observe(queue_seconds)
             ts.gauges["QueueTime"][()] = queue_seconds * 1000
@@ -120,7 +127,7 @@ class Metrics:
 
     def batch(self, name: str, version: str, size: int, round_trip: float, result: Result | None) -> None:
         """One batch sent to a worker; ``result`` is its reply (None: the worker died with it)."""
-        _, _, handler, batch_size, prediction_labels = self._model(name, version)
+        _, _, handler, batch_size, prediction_labels, _ = self._model(name, version)
         batch_size.observe(size)
         if result is None:
             return
@@ -149,6 +156,18 @@ class Metrics:
         self._torchserve.append(source)
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def responses_by_class(self) -> dict[int, int]:
+        """Responses on all ports so far by status class (2, 4, 5: ``Requests2XX`` ...), a copy."""
+        return dict(self._ts.status)
+
+    def refusals(self) -> dict[str, int]:
+        """``marserve_http_refused_total`` so far, by reason, a copy."""
+        return dict(self._refused.counts)
+
+    def responses_by_model(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """``marserve_inference_responses_total`` so far per model version: 2xx, 4xx, 5xx, copies."""
+        return {key: (a, b, c) for key, (a, b, c) in list(self._responses.counts.items())}
 
     def render(self, names: list[str]) -> tuple[bytes, str]:
         """The metrics text; with ``names`` (the API's ``name[]=``), only those metric families."""
@@ -249,6 +268,36 @@ class _ModelCounter(Collector):
         family = CounterMetricFamily(self.name, self.doc, labels=list(MODEL_LABELS))
         for (name, version), count in list(self.counts.items()):
             family.add_metric([name, version], count)
+        yield family
+
+
+#: Where a status class (``_status_class``) counts in a model version's ``_ModelResponses`` list.
+_CLASS_INDEX = {2: 0, 4: 1, 5: 2}
+
+
+class _ModelResponses(Collector):
+    """``marserve_inference_responses_total{model_name, model_version, code}``: inference answers per
+    model version by status class. One list of three numbers per version, which ``Metrics._model``
+    hands the request path, so that counting one is an index and an add."""
+
+    CODES = ("2xx", "4xx", "5xx")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def series(self, labels: tuple[str, str]) -> list[int]:
+        counts = self.counts.get(labels)
+        if counts is None:
+            counts = self.counts[labels] = [0, 0, 0]
+        return counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "marserve_inference_responses", "Inference answers per model version by status class.", labels=[*MODEL_LABELS, "code"]
+        )
+        for (name, version), counts in list(self.counts.items()):
+            for code, count in zip(self.CODES, counts):
+                family.add_metric([name, version, code], count)
         yield family
 
 
@@ -353,6 +402,11 @@ class _Histogram(Collector):
             series = self._series[labels] = _Series(self.bounds)
         return series
 
+    def snapshot(self) -> dict[tuple[str, str], tuple[tuple[int, ...], float]]:
+        """Each series' observations so far, per bucket of ``bounds`` (not cumulative), and their
+        sum: copies, for readers that difference two snapshots (the dashboard)."""
+        return {labels: (tuple(series.counts), series.sum) for labels, series in list(self._series.items())}
+
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.doc, labels=MODEL_LABELS)
         for labels, series in list(self._series.items()):
@@ -388,7 +442,9 @@ class NoMetrics(Metrics):
     def stream(self, name: str, version: str, first_byte: float, pieces: int) -> None:
         pass
 
-    def inference(self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float) -> None:
+    def inference(
+        self, name: str, url_version: str | None, version: str, seconds: float, queue_seconds: float, status: int | None = None
+    ) -> None:
         pass
 
     def batch(self, name: str, version: str, size: int, round_trip: float, result: Result | None) -> None:
