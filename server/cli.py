@@ -76,7 +76,8 @@ class _OneLineCommand(click.Command):
 @click.option("--enable-model-api", is_flag=True, help="Allow registering and unregistering models.")
 @click.argument("more_models", nargs=-1)
 def cli(action: str, **options: Any) -> int:
-    """marserve: a TorchServe-compatible model server (inference :8080, management :8081, metrics :8082)."""
+    """marserve: a TorchServe-compatible model server (inference :8080, management :8081, metrics :8082;
+    gRPC inference :7070, management :7071)."""
     if options["more_models"] and not options["models"]:
         raise click.UsageError(f"unexpected argument: {options['more_models'][0]}")
     if action == "version":
@@ -165,12 +166,22 @@ def start_background(config: ServerConfig, snapshots: SnapshotPlan) -> int:
         if ready is not None:
             raise click.ClickException(ready[len(_FAILED) :])
         raise click.ClickException(f"marserve failed to start; see {log_dir / 'ts_log.log'} and marserve.log there")
-    inference, management, metrics = (ready.split() + ["-", "-", "-"])[:3]
+    inference, management, metrics, grpc_inference, grpc_management = (ready.split() + ["-"] * 5)[:5]
     click.echo(
         f"marserve started (pid {pid}): inference {inference}, management {management}, "
-        f"metrics {metrics}; logs in {log_dir}/"
+        f"metrics {metrics}; {_grpc_line(config, grpc_inference, grpc_management)}; logs in {log_dir}/"
     )
     return 0
+
+
+def _grpc_line(config: ServerConfig, inference: str, management: str) -> str:
+    """Where gRPC listens, for the start message (``-``: that port is not listening)."""
+    if not config.enable_grpc:
+        return "gRPC off"
+    if inference == "-" and management == "-":
+        return "gRPC not listening (see the log)"
+    tls = " (TLS)" if config.enable_grpc_ssl else ""
+    return f"gRPC inference {inference}, management {management}{tls}"
 
 
 def _detach(log_fd: int) -> None:

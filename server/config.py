@@ -2,8 +2,8 @@
 
 Precedence is TorchServe's: file < CLI overrides < ``TS_<KEY>`` env vars, the last only when
 ``enable_envvars_config=true``. Nothing here reads ``os.environ``: callers pass the environment.
-Keys marserve does not use (gRPC, JVM, Netty, keystore, Intel launcher, workflows, ...) and unknown
-keys end up in ``ServerConfig.ignored_keys``; ``key_warnings`` words one warning for each.
+Keys marserve does not use (JVM, Netty, keystore, Intel launcher, workflows, ...) and unknown keys
+end up in ``ServerConfig.ignored_keys``; ``key_warnings`` words one warning for each.
 
 Deviations from TorchServe 0.12 (DEV), each deliberate:
 
@@ -22,6 +22,10 @@ Deviations from TorchServe 0.12 (DEV), each deliberate:
   false), integers must be integers within range, choices must be listed ones, and a wrongly
   typed model-YAML value is an error (TorchServe ignores it with a warning). Timeouts must be >= 1.
   Every bad value is named in the one-line error, not only the first.
+- ``enable_grpc`` is a new key (default true): false starts no gRPC server (TorchServe always
+  starts them). The gRPC ports' defaults (7070, 7071) give way: when neither ``enable_grpc`` nor
+  a gRPC address or port is set and a default port is taken, the server starts without gRPC
+  and says so (``grpc_defaulted``); a gRPC key set explicitly makes a taken port stop the start.
 - Addresses: ``unix:`` sockets are not supported; bracketed IPv6 hosts (``http://[::1]:8080``)
   are, which TorchServe's address pattern cannot parse.
 - The file is read as UTF-8 (Java's ``Properties.load`` reads ISO-8859-1; same for ASCII files).
@@ -277,6 +281,10 @@ MESSAGE_SIZE = Range(1, 2**31 - 1)  # bytes: max_request_size, max_response_size
 READ_TIMEOUT = Range(1, 3600)  # s: request_read_timeout
 DOWNLOAD_SIZE = Range(1, 1 << 40)  # bytes: max_download_size
 TOKEN_MINUTES = Range(1, 525_600)  # token_expiration_min: a year at most
+PORT = Range(0, 65_535)  # grpc_inference_port, grpc_management_port (0: any free port)
+# ms: grpc_*_max_connection_age_ms, grpc_*_max_connection_age_grace_ms (gRPC core takes a C int).
+CONNECTION_AGE_MS = Range(1, 2**31 - 1)
+CONNECTION_GRACE_MS = Range(0, 2**31 - 1)
 RETRY_TIMEOUT = Range(0, 86_400)  # s: maxRetryTimeoutInSec
 CLIENT_TIMEOUT_MS = Range(0, 86_400_000)  # ms: clientTimeoutInMills
 PARALLEL_LEVEL = Range(0, 1024)  # parallelLevel
@@ -337,6 +345,23 @@ def _drop_blank(items: list[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def _host(value: str) -> str:
+    """A bare host to bind (TorchServe's ``grpc_*_address``: a name or an IP, no scheme or port);
+    an IPv6 address may come in brackets, which are dropped."""
+    host = value.strip()
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if bracketed or ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("expected a host name or an IP address, without a scheme or a port") from None
+    elif not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        raise ValueError("expected a host name or an IP address, without a scheme or a port")
+    return host
+
+
 def _regex(pattern: str) -> str:
     try:
         re.compile(pattern)
@@ -359,6 +384,10 @@ OptStr = Annotated[str | None, _blank_is(None)]
 OptPath = Annotated[Path | None, _blank_is(None)]
 AddressValue = Annotated[Address, BeforeValidator(_to_address)]
 CommaList = Annotated[list[str], BeforeValidator(_split_commas), AfterValidator(_drop_blank)]
+Host = Annotated[str, AfterValidator(_host)]
+Port = Annotated[Int, _within(PORT)]
+OptAgeMs = Annotated[Annotated[Int, _within(CONNECTION_AGE_MS)] | None, _blank_is(None)]
+OptGraceMs = Annotated[Annotated[Int, _within(CONNECTION_GRACE_MS)] | None, _blank_is(None)]
 
 
 def _check_models_json(models: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -419,7 +448,7 @@ def _config_error(exc: ValidationError, where: str = "") -> ConfigError:
 
 # TorchServe keys marserve has no use for. Together with unknown keys they land in ignored_keys.
 TORCHSERVE_ONLY_KEYS = re.compile(
-    r"grpc_.*|enable_grpc_ssl|vmargs|number_of_netty_threads|netty_client_threads|keystore.*"
+    r"vmargs|number_of_netty_threads|netty_client_threads|keystore.*"
     r"|plugins_path|prefer_direct_buffer|use_native_io|io_ratio|initial_worker_port"
     r"|initial_distribution_port|model_server_home|debug|ipex_.*|cpu_launcher_.*|cpp_log_config"
     r"|async_logging|ts_open_inference_protocol|ts_header_key_sequence_.*|system_metrics_cmd"
@@ -443,6 +472,20 @@ class ServerConfig(BaseModel):
     inference_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8080)
     management_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8081)
     metrics_address: AddressValue = Address(scheme="http", host="127.0.0.1", port=8082)
+    # gRPC (server/grpc/): TorchServe's keys and defaults. The inference port also serves the Open
+    # Inference Protocol's GRPCInferenceService. DEV: enable_grpc is a new key.
+    enable_grpc: Bool = True
+    grpc_inference_address: Host = "127.0.0.1"
+    grpc_management_address: Host = "127.0.0.1"
+    grpc_inference_port: Port = 7070
+    grpc_management_port: Port = 7071
+    # None (unset): connections are never closed for their age (TorchServe: Long.MAX_VALUE).
+    grpc_inference_max_connection_age_ms: OptAgeMs = None
+    grpc_management_max_connection_age_ms: OptAgeMs = None
+    grpc_inference_max_connection_age_grace_ms: OptGraceMs = None
+    grpc_management_max_connection_age_grace_ms: OptGraceMs = None
+    # TLS on both gRPC ports with certificate_file and private_key_file.
+    enable_grpc_ssl: Bool = False
 
     model_store: OptPath = None
     load_models: Annotated[CommaList, AfterValidator(_all_or_list)] = []
@@ -532,7 +575,15 @@ class ServerConfig(BaseModel):
             if getattr(self, key).ssl and not (self.certificate_file and self.private_key_file):
                 # TorchServe would make up a self-signed certificate; clients could not trust it.
                 raise ConfigError(f"{key} is https, which needs certificate_file and private_key_file")
+        if self.enable_grpc and self.enable_grpc_ssl and not (self.certificate_file and self.private_key_file):
+            raise ConfigError("enable_grpc_ssl is true, which needs certificate_file and private_key_file")
         return self
+
+    @property
+    def grpc_defaulted(self) -> bool:
+        """Whether gRPC runs on its defaults alone (no gRPC key set): a default port that is taken
+        then leaves gRPC off with a warning rather than stopping the start."""
+        return not any(key in self.model_fields_set for key in _GRPC_PLACEMENT_KEYS)
 
     @classmethod
     def from_properties(cls, values: Mapping[str, object]) -> ServerConfig:
@@ -543,6 +594,11 @@ class ServerConfig(BaseModel):
     def url_allowed(self, url: str) -> bool:
         """Whether ``url`` fully matches one ``allowed_urls`` regex, ignoring case."""
         return any(re.fullmatch(p, url, re.IGNORECASE) for p in self.allowed_urls)
+
+
+_GRPC_PLACEMENT_KEYS = (
+    "enable_grpc", "grpc_inference_address", "grpc_management_address", "grpc_inference_port", "grpc_management_port",
+)  # fmt: skip
 
 
 def key_warnings(config: ServerConfig) -> list[str]:

@@ -8,6 +8,7 @@ import resource
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .apis import dashboard, inference, kserve_v1, management, oip
 from .apis import metrics as metrics_api
@@ -26,6 +27,9 @@ from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan,
 from .models.workdirs import make_workdir
 from .models.version import Observer
 from .workers.placement import detect_gpu_count
+
+if TYPE_CHECKING:
+    from .grpc.server import GrpcServers
 
 log = logging.getLogger("marserve")
 
@@ -146,6 +150,7 @@ async def serve(
         cors=cors_headers(config.cors_allowed_origin, config.cors_allowed_methods, config.cors_allowed_headers),
     )
     listeners: list[Listener] = []
+    grpc_servers: GrpcServers | None = None
     try:
         try:
             listeners = _listeners(config, registry, metrics, auth, policy)
@@ -157,13 +162,19 @@ async def serve(
                     raise ListenError(f"cannot write the token key file {auth.key_file}: {exc}") from None
             for listener in listeners:
                 await listener.start()
+            if config.enable_grpc:
+                from .grpc.server import GrpcServers  # grpc is imported only when it is on
+
+                grpc_servers = GrpcServers(config, registry, metrics, auth, policy)
+                await grpc_servers.start()
         except ListenError as exc:
             log.error("%s", exc)
             raise StartupError(str(exc)) from None
         urls = [a.url for a in (config.inference_address, config.management_address, config.metrics_address)]
         log.info("marserve listening: inference %s, management %s, metrics %s", *urls)
         if on_ready is not None:
-            on_ready(urls)
+            # Then where gRPC listens: inference and management, "-" where it does not.
+            on_ready([*urls, *(grpc_servers.bound.values() if grpc_servers is not None else ("-", "-"))])
         log_plan(snapshots)
         await _load_startup_models(registry, config, snapshots.restore)
         if writer is not None:
@@ -174,7 +185,10 @@ async def serve(
         # First: a register or scale waiting on workers to start is answered now, not after the
         # listeners' grace; workers that serve stay, so that requests in flight finish.
         await registry.begin_shutdown()
-        await asyncio.gather(*(listener.stop(GRACEFUL_SHUTDOWN_SECONDS) for listener in listeners))
+        await asyncio.gather(
+            *(listener.stop(GRACEFUL_SHUTDOWN_SECONDS) for listener in listeners),
+            *([grpc_servers.stop(GRACEFUL_SHUTDOWN_SECONDS)] if grpc_servers is not None else []),
+        )
         access_log.close()
         if auth is not None:
             auth.withdraw()
@@ -210,8 +224,18 @@ def connection_cap(configured: int, listeners: int, reserved: int) -> int:
 
 def _token_auth(config: ServerConfig, key_file: Path) -> TokenAuth | None:
     """Token authorization as the config decides, with a warning for every API open beyond loopback."""
-    auth = TokenAuth(key_file, config.token_expiration_min) if tokens_required(config) else None
-    exposed = ", ".join(f"{api} {address}" for api, address in exposed_addresses(config).items())
+    grpc_exposed: dict[str, str] = {}
+    if config.enable_grpc:
+        from .grpc.server import exposed as grpc_exposed_addresses
+
+        grpc_exposed = grpc_exposed_addresses(config)
+    # gRPC ports beyond loopback count as the HTTP ones do.
+    required = tokens_required(config) or (config.disable_token_authorization is None and bool(grpc_exposed))
+    auth = TokenAuth(key_file, config.token_expiration_min) if required else None
+    exposed = ", ".join(
+        [*(f"{api} {address}" for api, address in exposed_addresses(config).items()),
+         *(f"{api} {address}" for api, address in grpc_exposed.items())]
+    )  # fmt: skip
     if exposed and auth is None:
         log.error(
             "SECURITY: listening beyond loopback (%s) with token authorization disabled: anyone who can "

@@ -119,9 +119,13 @@ class Server:
         self.management = f"http://127.0.0.1:{self.ports[1]}"
         self.metrics = f"http://127.0.0.1:{self.ports[2]}"
         self.config = root / "config.properties"
+        # gRPC stays off unless the test configures it: its default ports (7070, 7071) are fixed,
+        # and test servers running side by side, or another marserve on the machine, would race
+        # for them (tests/server/test_grpc.py gives its servers free ports).
+        grpc = "" if "grpc" in config else "enable_grpc=false\n"
         self.config.write_text(
             f"inference_address={self.inference}\nmanagement_address={self.management}\n"
-            f"metrics_address={self.metrics}\nlog_location={root / 'logs'}\n{config}"
+            f"metrics_address={self.metrics}\nlog_location={root / 'logs'}\n{grpc}{config}"
         )
         self.args = args
         self.id = f"{os.getpid()}-{next(_server_ids)}"

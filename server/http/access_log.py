@@ -5,7 +5,9 @@ request cost more than the rest of the request's bookkeeping. Lines are formatte
 timestamp prefix cached per second, collected in memory and written at most ``FLUSH_SECONDS``
 later (or as soon as ``MAX_LINES`` are waiting), and whatever is left is written on close.
 The lines look like the server log's: ``<time> INFO marserve.access: <message>``, or one JSON
-object a line with ``log_format=json``.
+object a line with ``log_format=json``. A request of another protocol than HTTP/1.1 names it after
+the request id, with the protocol's own status: ``... 404 0.84ms <id> grpc NOT_FOUND`` (in JSON,
+``protocol`` and ``code`` beside ``message``).
 """
 
 from __future__ import annotations
@@ -45,15 +47,30 @@ class AccessLog:
         self._prefix = ""
 
     def record(
-        self, client: tuple[str, int] | None, method: str, path: str, status: int, started: float, request_id: str
+        self,
+        client: tuple[str, int] | None,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        request_id: str,
+        protocol: str | None = None,
+        code: str | None = None,
     ) -> None:
-        """One request: client, request line, status, latency since ``started`` and request id."""
+        """One request: client, request line, status, latency since ``started`` and request id;
+        ``protocol`` (not HTTP/1.1: ``grpc``) and its own status ``code`` follow if given."""
         ms = (time.perf_counter() - started) * 1000
         message = f'{client[0] if client else "-"} "{method} {path}" {status} {ms:.2f}ms {request_id}'
+        if protocol is not None:
+            message = f"{message} {protocol} {code}" if code else f"{message} {protocol}"
         now = time.time()
         if self._json:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
             entry = {"time": stamp, "level": "INFO", "logger": LOGGER_NAME, "message": message}
+            if protocol is not None:
+                entry["protocol"] = protocol
+                if code:
+                    entry["code"] = code
             line = json.dumps(entry) + "\n"
         else:
             second = int(now)
@@ -94,7 +111,15 @@ class NoAccessLog(AccessLog):
         pass
 
     def record(
-        self, client: tuple[str, int] | None, method: str, path: str, status: int, started: float, request_id: str
+        self,
+        client: tuple[str, int] | None,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        request_id: str,
+        protocol: str | None = None,
+        code: str | None = None,
     ) -> None:
         pass
 

@@ -126,11 +126,21 @@ class RequestPolicy:
         self._refusal_log = asyncio.get_running_loop().call_later(REFUSAL_LOG_SECONDS, self._log_refusals)
 
     def answered(
-        self, client: tuple[str, int] | None, method: str, path: str, status: int, received: float, request_id: str
+        self,
+        client: tuple[str, int] | None,
+        method: str,
+        path: str,
+        status: int,
+        received: float,
+        request_id: str,
+        protocol: str | None = None,
+        code: str | None = None,
     ) -> None:
-        """Count the status and write the access-log line (499: the client left first)."""
+        """Count the status and write the access-log line (499: the client left first). Another
+        protocol than HTTP/1.1 names itself (``grpc``) and its own status ``code`` (``NOT_FOUND``),
+        with ``status`` the HTTP status that stands for it."""
         self.metrics.response(status)
-        self.access_log.record(client, method, path, status, received, request_id)
+        self.access_log.record(client, method, path, status, received, request_id, protocol, code)
 
 
 def cors_headers(origin: str | None, methods: str | None, headers: str | None) -> tuple[tuple[str, str], ...]:

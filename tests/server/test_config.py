@@ -199,6 +199,16 @@ TORCHSERVE_DEFAULTS = {
     "disable_system_metrics": False,
     "token_expiration_min": 60,
     "enable_envvars_config": False,
+    # gRPC (server/grpc/).
+    "grpc_inference_address": "127.0.0.1",
+    "grpc_management_address": "127.0.0.1",
+    "grpc_inference_port": 7070,
+    "grpc_management_port": 7071,
+    "grpc_inference_max_connection_age_ms": None,  # unset: no limit (TorchServe: Long.MAX_VALUE)
+    "grpc_management_max_connection_age_ms": None,
+    "grpc_inference_max_connection_age_grace_ms": None,
+    "grpc_management_max_connection_age_grace_ms": None,
+    "enable_grpc_ssl": False,
 }
 DEV_DEFAULTS = {
     "request_read_timeout": 60,
@@ -219,6 +229,7 @@ DEV_DEFAULTS = {
     "max_connections": 4096,
     "log_max_bytes": 100 << 20,
     "log_backup_count": 5,
+    "enable_grpc": True,  # a new key: false starts no gRPC server
 }
 
 
@@ -353,8 +364,9 @@ def test_unknown_override_is_an_error(tmp_path: Path) -> None:
 
 def test_ignored_and_unknown_keys(tmp_path: Path) -> None:
     config = load(tmp_path, "grpc_inference_port=7070\nvmargs=-Xmx4g\nkeystore_pass=x\nfoo=1\nignored_keys=x\n")
-    assert config.ignored_keys == ("grpc_inference_port", "vmargs", "keystore_pass", "foo", "ignored_keys")
-    assert [is_torchserve_only_key(k) for k in config.ignored_keys] == [True, True, True, False, False]
+    # grpc_* keys are marserve's too now (server/grpc/): read, not ignored.
+    assert config.ignored_keys == ("vmargs", "keystore_pass", "foo", "ignored_keys")
+    assert [is_torchserve_only_key(k) for k in config.ignored_keys] == [True, True, False, False]
 
 
 def test_key_warnings_suggest_the_closest_key(tmp_path: Path) -> None:
@@ -378,7 +390,7 @@ def test_key_warnings_for_torchserve_only_keys(tmp_path: Path) -> None:
     config = load(tmp_path, "vmargs=-Xmx4g\nworkflow_store=/wf\nmetric_time_interval=30\ngrpc_inference_port=7070\n")
     assert key_warnings(config) == [
         f"configuration key '{key}' is a TorchServe setting that marserve ignores"
-        for key in ("vmargs", "workflow_store", "metric_time_interval", "grpc_inference_port")
+        for key in ("vmargs", "workflow_store", "metric_time_interval")
     ]
     assert key_warnings(load(tmp_path, "job_queue_size=5\n")) == []
 
