@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from handlers import loading
-from handlers.errors import PredictionException
-from handlers.images import RequestError, payload
+from handlers.errors import PredictionException, RequestError
 from handlers.stages import BatchState, StartedBatch
-from handlers.utils import ModelLoadError, load_label_mapping, timed
+from handlers.utils import ModelLoadError, load_label_mapping, payload, timed
 
 logger = logging.getLogger(__name__)
 

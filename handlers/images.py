@@ -24,25 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as F
 
+# Defined where importing them costs no torchvision (BaseHandler needs them); named here too.
+from handlers.errors import RequestError as RequestError
+from handlers.utils import payload as payload
+
 # Formats that are plain raster images decoded by Pillow's own or well-fuzzed libraries; others
 # (EPS runs Ghostscript, for one) are no input for a model server. None on a handler allows all.
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-_STATUS_TYPES = {400: "BadRequestException", 413: "PayloadTooLargeException"}
-
-
-class RequestError(Exception):
-    """One request's input is unusable: it fails alone, with ``code`` and a message naming the problem."""
-
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        """TorchServe's error body shape, for the failed request's response."""
-        return {"code": self.code, "type": _STATUS_TYPES.get(self.code, "BadRequestException"), "message": self.message}
-
 
 class FastPath(NamedTuple):
     """Resize(resize) -> CenterCrop(crop) -> ToTensor -> Normalize(mean, std); None skips a step."""
@@ -69,14 +57,6 @@ def compose(spec: FastPath) -> transforms.Compose:
     if spec.mean is not None and spec.std is not None:
         steps.append(transforms.Normalize(mean=list(spec.mean), std=list(spec.std)))
     return transforms.Compose(steps)
-
-
-def payload(row: Any) -> Any:
-    """The request's input: ``data`` (multipart) or ``body`` (raw) of a row, or the row itself (envelopes)."""
-    if isinstance(row, dict):
-        value = row.get("data")
-        return value if value is not None else row.get("body")
-    return row
 
 
 def image_input(row: Any) -> bytes | bytearray | memoryview | list[Any]:

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.images import RequestError
+from handlers.errors import RequestError
 
 
 class BatchState(threading.local):

@@ -149,3 +149,11 @@ def timed(func: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def payload(row: Any) -> Any:
+    """The request's input: ``data`` (multipart) or ``body`` (raw) of a row, or the row itself (envelopes)."""
+    if isinstance(row, dict):
+        value = row.get("data")
+        return value if value is not None else row.get("body")
+    return row

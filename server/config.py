@@ -289,6 +289,10 @@ RETRY_TIMEOUT = Range(0, 86_400)  # s: maxRetryTimeoutInSec
 CLIENT_TIMEOUT_MS = Range(0, 86_400_000)  # ms: clientTimeoutInMills
 PARALLEL_LEVEL = Range(0, 1024)  # parallelLevel
 BATCHES_IN_FLIGHT = Range(1, 2)  # max_batches_in_flight, maxBatchesInFlight: the one running and the next
+# ms: autoscale_window_ms, autoscaleWindowMs (how long queue pressure lasts before a worker is
+# added) and autoscale_cooldown_ms, autoscaleCooldownMs (how long quiet lasts before one goes).
+AUTOSCALE_WINDOW_MS = Range(50, 600_000)
+AUTOSCALE_COOLDOWN_MS = Range(100, 86_400_000)
 
 
 def _within(limits: Range, *, zero: str | None = None) -> AfterValidator:
@@ -507,6 +511,10 @@ class ServerConfig(BaseModel):
     # (unset): derived from the machine when the server starts (see worker_caps).
     max_workers: OptWorkerCap = None
     max_workers_per_model: OptWorkerCap = None
+    # DEV (new keys): autoscaling between a model's minWorkers and maxWorkers (see
+    # server/workers/autoscaler.py); a model YAML's autoscaleWindowMs, autoscaleCooldownMs stand.
+    autoscale_window_ms: Annotated[Int, _within(AUTOSCALE_WINDOW_MS)] = 1000
+    autoscale_cooldown_ms: Annotated[Int, _within(AUTOSCALE_COOLDOWN_MS)] = 30_000
 
     max_request_size: Annotated[Int, _within(MESSAGE_SIZE)] = 6553500
     max_response_size: Annotated[Int, _within(MESSAGE_SIZE)] = 6553500
@@ -527,6 +535,8 @@ class ServerConfig(BaseModel):
     ] = None
     default_service_handler: OptStr = None
     install_py_dep_per_model: Bool = False
+    # DEV (new key): fork workers from a warm template process (server/workers/templates.py).
+    worker_template: Bool = True
     # DEV (new key): bytes an archive download may have
     max_download_size: Annotated[Int, _within(DOWNLOAD_SIZE)] = 10 << 30
 
@@ -769,6 +779,9 @@ class ModelYamlConfig(BaseModel):
     # marserve's: batches a worker may hold at once, and whether its handler's stages overlap.
     maxBatchesInFlight: Annotated[int, _within(BATCHES_IN_FLIGHT)] | None = None
     overlapStages: bool | None = None
+    # marserve's: autoscaling between minWorkers and maxWorkers (config.properties' autoscale_*).
+    autoscaleWindowMs: Annotated[int, _within(AUTOSCALE_WINDOW_MS)] | None = None
+    autoscaleCooldownMs: Annotated[int, _within(AUTOSCALE_COOLDOWN_MS)] | None = None
 
 
 def parse_model_yaml(text: str) -> tuple[ModelYamlConfig, dict[Any, Any]]:

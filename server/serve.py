@@ -26,7 +26,9 @@ from .models.status import WorkerState
 from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
 from .models.workdirs import make_workdir
 from .models.version import Observer
-from .workers.placement import detect_gpu_count
+from .models.sources import worker_environment
+from .workers.placement import Placement, detect_gpu_count
+from .workers.templates import WorkerTemplates
 
 if TYPE_CHECKING:
     from .grpc.server import GrpcServers
@@ -123,10 +125,16 @@ async def serve(
         worker_loaded=lambda model, slot: metrics.worker_loaded(
             model.name, model.version, slot.id, slot.load_time_ms / 1000
         ),
+        scaled=lambda model, direction, reason: metrics.scaled(model.name, model.version, direction, reason),
     )
+    # Workers fork from a warm template (worker_template=true), started now so that the startup
+    # models' workers find it ready.
+    templates = WorkerTemplates(worker_environment(environ, config.blacklist_env_vars)) if config.worker_template else None
+    if templates is not None:
+        templates.warm()
     registry = ModelRegistry(
         config, environ=environ, gpu_count=gpus, workdir=workdir, observer=observer,
-        on_change=writer.save if writer is not None else None,
+        on_change=writer.save if writer is not None else None, placement=Placement(gpus, templates=templates),
     )  # fmt: skip
     metrics.watch_workers(lambda: [(m.name, m.version, w.state) for m in registry.status() for w in m.workers])
     if not config.disable_system_metrics:
@@ -196,6 +204,8 @@ async def serve(
             # The last word on worker counts, before the workers go; a no-op if the restore never ended.
             await writer.save(registry)
         await registry.shutdown(drain_timeout=GRACEFUL_SHUTDOWN_SECONDS)
+        if templates is not None:
+            await templates.close()  # after the workers: they are its children, and die with it
         shutil.rmtree(workdir, ignore_errors=True)
         log.info("marserve has stopped")
 

@@ -181,25 +181,27 @@ class Server:
         return self.process.pid
 
     def worker_pids(self) -> list[int]:
-        """Live worker processes of this server: its children running server.workers.child with
-        this server's marker in their environment."""
-        parent = self._frontend_pid()
+        """Live worker processes of this server, with this server's marker in their environment:
+        its children running server.workers.child, and the children of its worker template (which
+        run with the template's command line)."""
+        frontend = self._frontend_pid()
         marker = f"{SERVER_MARKER}={self.id}".encode()
-        pids = []
+        found: dict[int, tuple[int, bool]] = {}  # pid: (parent, is the template's command line)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 stat = (entry / "stat").read_text()
                 cmdline = (entry / "cmdline").read_bytes()
-                if int(stat.rsplit(")", 1)[1].split()[1]) != parent or b"server.worker" not in cmdline:
+                if b"server.worker" not in cmdline or marker not in (entry / "environ").read_bytes().split(b"\0"):
                     continue
-                environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if marker in environ.split(b"\0"):
-                pids.append(int(entry.name))
-        return pids
+            if " Z " in stat.rsplit(")", 1)[1][:3]:
+                continue  # exited, not yet reaped
+            found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), b"child.template" in cmdline)
+        templates = {pid for pid, (parent, template) in found.items() if template and parent == frontend}
+        return [pid for pid, (parent, _) in found.items() if pid not in templates and (parent == frontend or parent in templates)]
 
 
 class _ServerLog(logging.StreamHandler):  # type: ignore[type-arg]

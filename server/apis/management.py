@@ -181,10 +181,27 @@ def describe(model: VersionStatus) -> dict[str, Any]:
         # marserve's: batches a worker may hold at once, and whether its handler's stages overlap.
         "maxBatchesInFlight": s.max_batches_in_flight,
         "overlapStages": s.overlap_stages,
+        # marserve's: scaling between minWorkers and maxWorkers on queue pressure, and its last decision.
+        "autoscaling": _autoscaling(model),
         "jobQueueStatus": {
             "remainingCapacity": model.queue_capacity - model.queue_length,
             "pendingRequests": model.queue_length,
         },
+    }
+
+
+def _autoscaling(model: VersionStatus) -> dict[str, Any]:
+    s, scaled = model.settings, model.autoscaling
+    last = None
+    if scaled.action is not None:
+        last = {"action": scaled.action, "reason": scaled.reason, "detail": scaled.detail, "time": _iso_millis(scaled.at)}
+    return {
+        "enabled": s.max_workers > s.min_workers,
+        "windowMs": s.autoscale_window_ms,
+        "cooldownMs": s.autoscale_cooldown_ms,
+        "scaleUps": scaled.scale_ups,
+        "scaleDowns": scaled.scale_downs,
+        "lastDecision": last,
     }
 
 

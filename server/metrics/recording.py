@@ -75,6 +75,8 @@ class Metrics:
         self.registry.register(self._pieces)
         self._workers = _WorkerStates()
         self.registry.register(self._workers)
+        self._scale_events = _ScaleEvents()
+        self.registry.register(self._scale_events)
         self._refused = _Refusals()
         self.registry.register(self._refused)
         self._responses = _ModelResponses()
@@ -146,6 +148,10 @@ class Metrics:
         self.load_seconds.series((name, version)).observe(seconds)
         worker = f"W-{worker_id}-{name}_{version}"
         self._ts.gauges["WorkerLoadTime"][(("WorkerName", worker),)] = seconds * 1000
+
+    def scaled(self, name: str, version: str, direction: str, reason: str) -> None:
+        """A worker autoscaling added ("up") or removed ("down"), and why."""
+        self._scale_events.counts[(name, version, direction, reason)] += 1
 
     def watch_workers(self, source: Callable[[], Iterable[tuple[str, str, WorkerState]]]) -> None:
         """``source`` lists (model, version, state) for every worker; read at scrape time."""
@@ -239,7 +245,7 @@ class _TorchServeMetrics:
 class _WorkerStates(Collector):
     """``marserve_workers{model_name, model_version, state}``: counted when scraped, never stale."""
 
-    STATES = (WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.FAILED)
+    STATES = (WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.FAILED, WorkerState.STOPPING)
 
     def __init__(self) -> None:
         self.source: Callable[[], Iterable[tuple[str, str, WorkerState]]] = lambda: ()
@@ -253,6 +259,24 @@ class _WorkerStates(Collector):
         for (name, version), states in counts.items():
             for state, count in states.items():
                 family.add_metric([name, version, state], count)
+        yield family
+
+
+class _ScaleEvents(Collector):
+    """``marserve_worker_scale_events_total{model_name, model_version, direction, reason}``:
+    workers autoscaling added (``up``) or removed (``down``), by the signal that decided it."""
+
+    def __init__(self) -> None:
+        self.counts: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "marserve_worker_scale_events",
+            "Workers autoscaling added or removed, by direction and reason.",
+            labels=[*MODEL_LABELS, "direction", "reason"],
+        )
+        for labels, count in list(self.counts.items()):
+            family.add_metric(list(labels), count)
         yield family
 
 
@@ -451,4 +475,7 @@ class NoMetrics(Metrics):
         pass
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
+        pass
+
+    def scaled(self, name: str, version: str, direction: str, reason: str) -> None:
         pass

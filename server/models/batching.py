@@ -175,6 +175,10 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def oldest_received(self) -> float | None:
+        """When the job at the head of the queue was received (``perf_counter``); None if empty."""
+        return self._jobs[0].received if self._jobs else None
+
     def put(self, job: Job) -> None:
         if len(self._jobs) >= self.capacity:
             # Jobs whose client has gone still hold places until taken; free those first.

@@ -147,6 +147,10 @@ class ModelRegistry:
         """Workers of every model version, serving or starting: what ``max_workers`` caps."""
         return sum(model.supervisor.live for model in self.all_models())
 
+    def room(self) -> int:
+        """How many more workers ``max_workers`` allows: what autoscaling may add."""
+        return self.caps.total - self.workers_in_use()
+
     def _check_total(self, name: str, value: int, adding: int) -> None:
         # No await between this check and the start of the workers it admits.
         in_use, total = self.workers_in_use(), self.caps.total
@@ -228,7 +232,7 @@ class ModelRegistry:
         )
         model = ModelVersion(
             name, manifest.version, request.url or "", archive, handler, settings, load, env, self._placement,
-            self.observer, loaded_at_startup,
+            self.observer, loaded_at_startup, room=self.room,
         )  # fmt: skip
         return model, workers_source(request, yaml)
 

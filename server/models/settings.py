@@ -53,6 +53,10 @@ class ModelSettings:
     max_batches_in_flight: int = 2
     # Whether a worker runs its handler's stages of consecutive batches as a pipeline.
     overlap_stages: bool = False
+    # Autoscaling (when max_workers > min_workers): ms of queue pressure before a worker is added,
+    # and of quiet before one is removed (server/workers/autoscaler.py).
+    autoscale_window_ms: int = 1000
+    autoscale_cooldown_ms: int = 30_000
 
 
 def resolve_settings(
@@ -90,6 +94,8 @@ def resolve_settings(
         device_ids=yaml.deviceIds,
         max_batches_in_flight=pick(request.max_batches_in_flight, yaml.maxBatchesInFlight, "maxBatchesInFlight", 2),
         overlap_stages=bool(yaml.overlapStages),
+        autoscale_window_ms=pick(None, yaml.autoscaleWindowMs, "autoscaleWindowMs", config.autoscale_window_ms),
+        autoscale_cooldown_ms=pick(None, yaml.autoscaleCooldownMs, "autoscaleCooldownMs", config.autoscale_cooldown_ms),
     )  # fmt: skip
 
 

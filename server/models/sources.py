@@ -185,14 +185,20 @@ def manifest_envelope(archive: ModelArchive) -> str | None:
     return value.lower()
 
 
+def worker_environment(environ: Mapping[str, str], blacklist: str) -> dict[str, str]:
+    """What every model's workers inherit: the server's environment, less the variables
+    ``blacklist`` matches."""
+    if not blacklist:
+        return dict(environ)
+    return {k: v for k, v in environ.items() if not re.fullmatch(blacklist, k)}
+
+
 def model_environment(
     environ: Mapping[str, str], blacklist: str, model_dir: Path, python_path: Path | None
 ) -> dict[str, str]:
     """The environment of the model's workers and of its pip install: the server's, less the
     variables ``blacklist`` matches, with the model's own code and packages first on PYTHONPATH."""
-    env = dict(environ)
-    if blacklist:
-        env = {k: v for k, v in env.items() if not re.fullmatch(blacklist, k)}
+    env = worker_environment(environ, blacklist)
     # The model's own packages come before the server's: that is what installing them is for.
     paths = (str(model_dir), str(python_path or ""), env.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)

@@ -32,6 +32,19 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscaleStatus:
+    """A model version's last autoscaling decision (server/workers/autoscaler.py), and how many
+    workers autoscaling has added and removed."""
+
+    action: str | None = None  # "up", "down" or "held"; None: no decision yet
+    reason: str = ""  # "queue_time", "queue_length", "idle" or "server_cap"
+    detail: str = ""
+    at: float = 0.0  # epoch seconds of the decision
+    scale_ups: int = 0
+    scale_downs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class VersionStatus:
     name: str
     version: str
@@ -44,3 +57,4 @@ class VersionStatus:
     queue_length: int
     queue_capacity: int
     workers: tuple[WorkerStatus, ...]
+    autoscaling: AutoscaleStatus = AutoscaleStatus()

@@ -29,6 +29,8 @@ class Observer:
     # (model, batch size, seconds from dispatch to reply, the worker's Result or None if it died)
     batch_done: Callable[[ModelVersion, int, float, Result | None], None] = _ignore
     worker_loaded: Callable[[ModelVersion, WorkerSlot], None] = _ignore
+    # (model, "up" or "down", reason): a worker autoscaling added or removed
+    scaled: Callable[[ModelVersion, str, str], None] = _ignore
 
 
 class ModelVersion:
@@ -45,8 +47,10 @@ class ModelVersion:
         placement: Placement,
         observer: Observer | None = None,
         loaded_at_startup: bool = False,
+        room: Callable[[], int] | None = None,
     ) -> None:
-        """``load`` is what each worker is sent (its gpu_id set per worker), ``env`` its environment."""
+        """``load`` is what each worker is sent (its gpu_id set per worker), ``env`` its environment;
+        ``room``, how many more workers the server's cap allows (autoscaling asks)."""
         self.name = name
         self.version = version
         self.url = url
@@ -61,6 +65,7 @@ class ModelVersion:
             name, version, settings, self.queue, load, env, placement,
             on_loaded=lambda slot: hooks.worker_loaded(self, slot),
             on_batch=lambda size, seconds, result: hooks.batch_done(self, size, seconds, result),
+            on_scaled=lambda direction, reason: hooks.scaled(self, direction, reason), room=room,
         )  # fmt: skip
 
     @property
@@ -115,4 +120,5 @@ class ModelVersion:
             queue_length=len(self.queue),
             queue_capacity=self.queue.capacity,
             workers=tuple(slot.as_status() for slot in self.slots),
+            autoscaling=self.supervisor.autoscaler.status(),
         )

@@ -12,6 +12,10 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .templates import WorkerTemplates
 
 #: What one worker is taken to need when the default caps are derived from memory: a torch worker's
 #: resident set is about 150-300 MB before its model's weights.
@@ -100,10 +104,16 @@ def start_limit(cpus: int) -> int:
 class Placement:
     """Hands out worker ids and GPUs across all of one server's models, and the turns to start."""
 
-    def __init__(self, gpu_count: int, max_starting: int | None = None) -> None:
+    def __init__(
+        self, gpu_count: int, max_starting: int | None = None, cpus: int | None = None, templates: WorkerTemplates | None = None
+    ) -> None:
         self.gpu_count = gpu_count
+        #: Where workers are forked from (None: each is spawned as a fresh interpreter).
+        self.templates = templates
+        #: The CPUs workers share (default: ``machine_cpus``), which ``worker_threads`` divides.
+        self.cpus = cpus or machine_cpus()
         #: Held by a worker while it starts; ``max_starting`` (default: ``start_limit``) at once.
-        self.starting = asyncio.Semaphore(max_starting or start_limit(machine_cpus()))
+        self.starting = asyncio.Semaphore(max_starting or start_limit(self.cpus))
         self._worker_ids = itertools.count(9000)
         # One round-robin over all GPUs for every model, and one per model over its deviceIds.
         self._any_gpu = itertools.count()
@@ -121,6 +131,27 @@ class Placement:
         return worker_id, next(self._any_gpu) % self.gpu_count
 
 
+def process_environment(env: Mapping[str, str], threads: int) -> dict[str, str]:
+    """A worker process's environment: ``env`` with its thread counts and what workers need."""
+    env = dict(env)
+    # Set before torch is imported, so N workers share the cores instead of each taking all.
+    # A user's own counts stand (as in TorchServe, whose workers inherit them): small models
+    # often serve faster on one thread, since waking a second one costs more than it saves.
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+    env["PYTHONUNBUFFERED"] = "1"
+    # OpenMP's threads otherwise spin for a while after every parallel region: between batches
+    # that burns a core the frontend and the other workers need (for a small model, half the
+    # worker's CPU). Asleep, they cost a wake-up per region instead. A user's setting stands.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def worker_threads(cpu_count: int, max_workers: int, workers: int) -> int:
-    """The threads one worker gets so that a model's workers share the cores rather than each take all."""
+    """The threads one worker gets so that a model's workers share the cores rather than each take all.
+
+    Computed for each worker as it starts, from the model's ``max_workers`` (or the workers it has,
+    if more): an autoscaled model's workers are sized for its peak, so that at ``max_workers`` they
+    do not oversubscribe the cores; a scale call that changes ``max_workers`` changes it for the
+    workers that start after it."""
     return max(1, cpu_count // max(1, max_workers, workers))

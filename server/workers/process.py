@@ -27,6 +27,8 @@ from ..errors import WorkerDied, WorkerError
 from ..models.batching import Job, Reply
 from . import frames as protocol
 from .messages import Cancel, Load, Loaded, Piece, Predict, Request, Result
+from .placement import process_environment
+from .templates import ForkedWorker, WorkerTemplates
 
 log = logging.getLogger("marserve.worker")
 
@@ -145,12 +147,17 @@ class WorkerChannel(asyncio.Protocol):
 class WorkerProcess:
     """A worker process and its socket. Not restartable: supervision creates a new one."""
 
-    def __init__(self, worker_id: str, load: Load, env: Mapping[str, str], threads: int) -> None:
+    def __init__(
+        self, worker_id: str, load: Load, env: Mapping[str, str], threads: int, templates: WorkerTemplates | None = None
+    ) -> None:
+        """``templates``: fork the worker from the server's warm template when its environment
+        allows (None: always spawn a fresh interpreter)."""
         self.worker_id = worker_id
         self.load = load
         self.env = env
         self.threads = threads
-        self.process: subprocess.Popen[bytes] | None = None
+        self.templates = templates
+        self.process: subprocess.Popen[bytes] | ForkedWorker | None = None
         self.started_at = time.time()
         self._exited: asyncio.Future[int] | None = None
         self._channel: WorkerChannel | None = None
@@ -182,31 +189,25 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ours, theirs = socket.socketpair()
-        env = dict(self.env)
-        # Set before torch is imported, so N workers share the cores instead of each taking all.
-        # A user's own counts stand (as in TorchServe, whose workers inherit them): small models
-        # often serve faster on one thread, since waking a second one costs more than it saves.
-        threads = str(self.threads)
-        env.setdefault("OMP_NUM_THREADS", threads)
-        env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
-        env["PYTHONUNBUFFERED"] = "1"
-        # OpenMP's threads otherwise spin for a while after every parallel region: between batches
-        # that burns a core the frontend and the other workers need (for a small model, half the
-        # worker's CPU). Asleep, they cost a wake-up per region instead. A user's setting stands.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        spawn = loop.run_in_executor(None, self._spawn, env, theirs)
-        try:
-            # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
-            self.process = await asyncio.shield(spawn)
-        except asyncio.CancelledError:
-            ours.close()
-            spawn.add_done_callback(_kill_spawned)
-            raise
-        except OSError as exc:
-            ours.close()
-            raise WorkerError(f"cannot start the worker process: {exc}") from None
+        env = process_environment(self.env, self.threads)
+        forked = await self._fork(env, theirs, ours)
+        if forked is not None:
+            self.process = forked
+            self._exited = forked.exited
+        else:
+            spawn = loop.run_in_executor(None, self._spawn, env, theirs)
+            try:
+                # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
+                self.process = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                ours.close()
+                spawn.add_done_callback(_kill_spawned)
+                raise
+            except OSError as exc:
+                ours.close()
+                raise WorkerError(f"cannot start the worker process: {exc}") from None
+            self._exited = _watch_exit(self.process, loop)
         self.started_at = time.time()
-        self._exited = _watch_exit(self.process, loop)
         assert self.process.stdout is not None
         self._log_task = asyncio.create_task(self._forward_output(self.process.stdout))
         try:
@@ -232,6 +233,19 @@ class WorkerProcess:
         if loaded.code != 200:
             self.kill()
             raise WorkerError(loaded.message, loaded.code)
+
+    async def _fork(self, env: dict[str, str], theirs: socket.socket, ours: socket.socket) -> ForkedWorker | None:
+        """The worker forked from the template, or None: spawn it (``theirs`` is then still open)."""
+        if self.templates is None:
+            return None
+        fork = asyncio.ensure_future(self.templates.fork(env, self.load.model_dir, theirs))
+        try:
+            # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
+            return await asyncio.shield(fork)
+        except asyncio.CancelledError:
+            ours.close()
+            fork.add_done_callback(_kill_forked)
+            raise
 
     def _spawn(self, env: dict[str, str], theirs: socket.socket) -> subprocess.Popen[bytes]:
         # In a thread of the default executor. The worker's end of the socket is closed here, once
@@ -299,10 +313,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(self.process.pid)
         if self._channel is not None:
             self._channel.close()
 
@@ -397,6 +408,29 @@ def _watch_exit(process: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoo
 async def _poll_exit(reaped: Any) -> None:
     while not reaped():
         await asyncio.sleep(0.1)
+
+
+def _kill_group(pid: int) -> None:
+    """Kill a worker and what it started (its own process group), or the worker alone if it has
+    not made its group yet (a forked one, in its first instants)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_forked(fork: asyncio.Future[ForkedWorker | None]) -> None:
+    """A worker whose start was cancelled while the template forked it: killed."""
+    if fork.cancelled() or fork.exception() is not None:
+        return
+    forked = fork.result()
+    if forked is not None:
+        _kill_group(forked.pid)
+        if forked.stdout is not None:
+            forked.stdout.close()
 
 
 def _kill_spawned(spawn: asyncio.Future[subprocess.Popen[bytes]]) -> None:

@@ -10,23 +10,28 @@ Each worker has a slot, which outlives the processes that fill it across restart
 A STARTING slot first waits for its turn: at most ``Placement.starting`` workers of the whole
 server spawn and load at once, so that a storm of starts cannot starve the frontend. Its process
 is spawned only once its turn has come, and a stop cancels it whether it waits or loads.
+
+When ``max_workers`` > ``min_workers``, a task samples the queue and the workers every tick and
+adds or removes a worker as the autoscaling policy (autoscaler.py) decides, through ``add`` and
+``remove``: the paths the scale API takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from ..errors import ServerError, ServiceUnavailable, WorkerDied, WorkerError
 from ..models.batching import Job, JobQueue, Reply, collect_batch
 from ..models.settings import ModelSettings
 from ..models.status import WorkerState, WorkerStatus
+from .autoscaler import Autoscaler, Decision, Sample, enabled, tick
 from .messages import Load, Piece, Result
 from .placement import Placement, worker_threads
 from .process import Exchange, WorkerProcess
@@ -37,6 +42,10 @@ MAX_BACKOFF = 30.0  # s between two starts of one slot, at most
 
 #: What starts a worker process: (worker id, its LOAD message, its environment, its thread count).
 SpawnWorker = Callable[[str, Load, Mapping[str, str], int], WorkerProcess]
+
+
+#: Seconds a worker must have served for its death to restart it at once (backoff forgotten).
+STABLE_SECONDS = 10.0
 
 
 def backoff(failures: int) -> float:
@@ -107,10 +116,14 @@ class Supervisor:
         *,
         on_loaded: Callable[[WorkerSlot], None],
         on_batch: Callable[[int, float, Result | None], None],
-        spawn: SpawnWorker = WorkerProcess,
+        spawn: SpawnWorker | None = None,
+        on_scaled: Callable[[str, str], None] | None = None,
+        room: Callable[[], int] | None = None,
     ) -> None:
         """``on_batch`` gets each batch's size, its seconds from dispatch to reply and the worker's
-        Result (None when the worker died with it)."""
+        Result (None when the worker died with it). ``on_scaled`` gets each worker autoscaling adds
+        or removes: "up" or "down", and the reason; ``room`` says how many more workers the
+        server's worker cap allows (default: no cap)."""
         self.name = name
         self.version = version
         self.settings = settings
@@ -121,7 +134,8 @@ class Supervisor:
         self._placement = placement
         self._on_loaded = on_loaded
         self._on_batch = on_batch
-        self._spawn = spawn
+        # By default from the server's worker template (placement.templates) where it can be used.
+        self._spawn: SpawnWorker = spawn or partial(WorkerProcess, templates=placement.templates)
         # One worker gathers a batch at a time, as in TorchServe; otherwise idle workers
         # would split a burst into batches of one.
         self._collect_lock = asyncio.Lock()
@@ -131,6 +145,11 @@ class Supervisor:
         self._watchers: list[asyncio.Future[None]] = []
         # Set by stop_starting: no worker starts or restarts any more.
         self._no_starts = False
+        self.autoscaler = Autoscaler()
+        self._autoscaling: asyncio.Task[None] | None = None
+        self._autoscale_off = False  # set by drain
+        self._on_scaled = on_scaled or (lambda direction, reason: None)
+        self._room = room or (lambda: 1 << 30)
 
     @property
     def serving(self) -> bool:
@@ -154,12 +173,16 @@ class Supervisor:
             slot.task = asyncio.create_task(self._supervise(slot), name=f"worker-{worker_id}")
             self.slots.append(slot)
             added.append(slot)
+        self._update_autoscaling()
         return added
 
     async def scale(self, min_workers: int, max_workers: int, synchronous: bool) -> list[WorkerSlot]:
         """New worker bounds: workers are added up to ``min_workers`` or removed down to
         ``max_workers`` (waited for only if ``synchronous``); returns the slots added."""
         self.settings = replace(self.settings, min_workers=min_workers, max_workers=max_workers)
+        # New bounds: autoscaling starts over (or stops, with max_workers == min_workers).
+        self.autoscaler.reset()
+        self._update_autoscaling()
         live = [slot for slot in self.slots if not slot.stopping]
         if len(live) < min_workers:
             return self.add(min_workers - len(live))
@@ -200,7 +223,10 @@ class Supervisor:
                 _fail(job, error)
 
     async def drain(self, timeout: float) -> bool:
-        """Wait until the queue is empty and no batch is in flight; False on timeout."""
+        """Wait until the queue is empty and no batch is in flight; False on timeout. The version
+        is going away (unregistered, or the server stops): autoscaling adds no more workers."""
+        self._autoscale_off = True
+        self._update_autoscaling()
         deadline = time.monotonic() + timeout
         while len(self.queue) or any(slot.in_flight for slot in self.slots):
             # A worker that is restarting will still serve the queue; only no worker at all can't.
@@ -212,6 +238,7 @@ class Supervisor:
     async def stop(self, orphaned: ServerError) -> None:
         """Stop every worker; jobs still queued fail with ``orphaned``."""
         self._no_starts = True
+        self._update_autoscaling()
         await self.remove(list(self.slots), orphaned)
 
     async def stop_starting(self, orphaned: ServerError) -> None:
@@ -220,6 +247,7 @@ class Supervisor:
         stay, to finish the queue. Jobs queued for a version left without workers fail with
         ``orphaned``."""
         self._no_starts = True
+        self._update_autoscaling()
         pending = [slot for slot in self.slots if slot.status != WorkerState.READY]
         for slot in pending:
             # Whoever waits for their first load (a synchronous register or scale) learns why.
@@ -227,6 +255,69 @@ class Supervisor:
                 slot.first_load.set_result(WorkerError("the server is stopping", 503))
         if pending:
             await self.remove(pending, orphaned)
+
+    # -- autoscaling -----------------------------------------------------------------------------
+
+    def _update_autoscaling(self) -> None:
+        """Run the autoscaling task exactly while the bounds leave room to scale and workers may start."""
+        wanted = enabled(self.settings) and not self._no_starts and not self._autoscale_off
+        task = self._autoscaling
+        if wanted and (task is None or task.done()):
+            self._autoscaling = asyncio.create_task(self._autoscale(), name=f"autoscale-{self.name}:{self.version}")
+        elif not wanted and task is not None:
+            task.cancel()
+            self._autoscaling = None
+
+    async def _autoscale(self) -> None:
+        while True:
+            await asyncio.sleep(tick(self.settings))
+            try:
+                self._autoscale_step()
+            except Exception:  # noqa: BLE001 - a bug in the policy must not end autoscaling silently
+                log.exception("model %s:%s: autoscaling failed", self.name, self.version)
+
+    def _autoscale_step(self) -> None:
+        live = [slot for slot in self.slots if not slot.stopping]
+        ready = [slot for slot in live if slot.status == WorkerState.READY]
+        idle = [slot for slot in ready if not slot.in_flight]
+        received = self.queue.oldest_received()
+        sample = Sample(
+            queued=len(self.queue),
+            oldest_wait=time.perf_counter() - received if received is not None else 0.0,
+            live=len(live),
+            ready=len(ready),
+            starting=sum(1 for slot in live if slot.status == WorkerState.STARTING),
+            busy=len(ready) - len(idle),
+            idle=len(idle),
+            room=self._room(),
+        )
+        decision = self.autoscaler.decide(sample, self.settings)
+        if decision is None:
+            return
+        if decision.action == "held":
+            log.warning("model %s:%s: autoscaling adds no worker: %s", self.name, self.version, decision.detail)
+            return
+        if decision.action == "up":
+            (slot,) = self.add(1)
+        else:
+            # The idle worker added last; it holds no batch, and the queue is empty: nothing waits on it.
+            slot = idle[-1]
+            slot.stopping = True
+            self._in_background(self.remove([slot]))
+        self._log_scaled(decision, slot, sample.live)
+        self._on_scaled(decision.action, decision.reason)
+
+    def _log_scaled(self, decision: Decision, slot: WorkerSlot, live: int) -> None:
+        verb, after = ("adding worker", live + 1) if decision.action == "up" else ("removing idle worker", live - 1)
+        log.info(
+            "model %s:%s: autoscaling %s %s (%d -> %d workers): %s: %s",
+            self.name, self.version, verb, slot.id, live, after, decision.reason, decision.detail,
+        )  # fmt: skip
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- one slot --------------------------------------------------------------------------------
 
@@ -245,7 +336,7 @@ class Supervisor:
                 async with self._placement.starting:
                     if slot.stopping or self._no_starts:
                         break
-                    threads = worker_threads(os.cpu_count() or 1, self.settings.max_workers, len(self.slots))
+                    threads = worker_threads(self._placement.cpus, self.settings.max_workers, len(self.slots))
                     process = self._spawn(slot.id, replace(self._load, gpu_id=slot.gpu_id), self._env, threads)
                     slot.process = process
                     started = time.perf_counter()
@@ -267,7 +358,6 @@ class Supervisor:
                 "worker %s of %s:%s ready (pid %s, model loaded in %.2f s)",
                 slot.id, self.name, self.version, process.pid, slot.load_time_ms / 1000,
             )  # fmt: skip
-            failures = 0
             if not slot.first_load.done():
                 slot.first_load.set_result(None)
             self._on_loaded(slot)
@@ -280,10 +370,14 @@ class Supervisor:
             # may outlast its slot.
             process.kill()
             await process.wait_exit(10)
+            # A worker that had served a while is replaced at once (from the template, in
+            # milliseconds); one that keeps dying soon after its start waits longer each time.
+            if time.time() - slot.loaded_at >= STABLE_SECONDS:
+                failures = 0
+            delay = backoff(failures)
             failures += 1
             slot.restarts += 1
             slot.last_exit = process.exit_description()
-            delay = backoff(failures)
             log.warning(
                 "worker %s of %s:%s died: it %s; restarting in %g s",
                 slot.id, self.name, self.version, slot.last_exit, delay,
@@ -441,7 +535,13 @@ class Supervisor:
             try:
                 if not timed_out:
                     # The exit status tells an OOM kill from a crash; it follows the EOF closely.
-                    await process.wait_exit(0.5)
+                    try:
+                        await process.wait_exit(0.5)
+                    except asyncio.CancelledError:
+                        # The other lane saw the death first and ends this one: the status still
+                        # decides this batch's answer (507 or 500), so it is awaited all the same.
+                        await process.wait_exit(0.5)
+                        raise
             finally:
                 # Also when the exit, seen meanwhile, cancels this lane: the batch is answered.
                 _fail_all(batch, _death_error(process, timed_out))

@@ -212,6 +212,7 @@ TORCHSERVE_DEFAULTS = {
 }
 DEV_DEFAULTS = {
     "request_read_timeout": 60,
+    "worker_template": True,
     "allowed_urls": [],
     "enable_model_api": True,
     "metrics_mode": "prometheus",
@@ -223,6 +224,8 @@ DEV_DEFAULTS = {
     "max_download_size": 10 << 30,
     "max_workers": None,  # unset: derived from the machine when the server starts
     "max_workers_per_model": None,  # unset: max_workers
+    "autoscale_window_ms": 1000,
+    "autoscale_cooldown_ms": 30_000,
     # The HTTP layer's keys (server/http).
     "request_head_timeout": 10,
     "min_request_body_rate": 16384,

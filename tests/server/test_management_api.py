@@ -436,7 +436,7 @@ DESCRIBE_KEYS = [
     "maxBatchDelay", "responseTimeout", "startupTimeout", "maxRetryTimeoutInSec", "clientTimeoutInMills",
     "parallelType", "parallelLevel", "deviceType", "continuousBatching", "useJobTicket", "useVenv",
     "stateful", "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
-    "loadedAtStartup", "workers", "maxBatchesInFlight", "overlapStages", "jobQueueStatus",
+    "loadedAtStartup", "workers", "maxBatchesInFlight", "overlapStages", "autoscaling", "jobQueueStatus",
 ]  # fmt: skip
 WORKER_KEYS = [
     "id", "startTime", "status", "state", "batchesInFlight", "restarts", "lastExit", "memoryUsage", "pid", "gpu", "gpuUsage",
@@ -486,6 +486,9 @@ def test_describe_shape(mgmt: Server) -> None:
         "loadedAtStartup": False,
         "maxBatchesInFlight": 2,
         "overlapStages": False,
+        "autoscaling": {
+            "enabled": False, "windowMs": 1000, "cooldownMs": 30000, "scaleUps": 0, "scaleDowns": 0, "lastDecision": None,
+        },
         "jobQueueStatus": {"remainingCapacity": 100, "pendingRequests": 0},
     }
 

@@ -244,7 +244,7 @@ def test_a_worker_that_dies_fails_its_batch_and_is_restarted(backoffs: list[int]
             await lost.future
         assert (caught.value.status_code, caught.value.message) == (507, "Worker died.")
         await until(lambda: len(script.processes) == 2 and slot.status == WorkerState.READY, "a restart")
-        assert backoffs == [1]
+        assert backoffs == [0]  # it had served: replaced at once
         assert script.reports == [(1, None)]
         served = job(b"again")
         workers.queue.put(served)
@@ -455,6 +455,50 @@ def test_a_scale_down_counts_the_leaving_workers_out_at_once() -> None:
         await workers.scale(1, 1, synchronous=False)
         assert workers.live == 1  # before the removal has run
         await until(lambda: len(workers.slots) == 1, "the removal")
+        await workers.stop(ServerError("stopped", 503))
+
+    asyncio.run(main())
+
+
+def test_autoscaling_adds_a_worker_under_pressure_and_removes_it_when_idle() -> None:
+    """Through the supervisor's own add and remove: every job answered, threads sized for the peak,
+    and a version being drained scales no more."""
+    script = Script()
+    scaled: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def held(process: FakeProcess, batch: list[Job]) -> tuple[list[Reply], Result]:
+            await gate.wait()
+            return await echo(process, batch)
+
+        script.predict = held
+        workers = Supervisor(
+            "m", "1.0",
+            ModelSettings(batch_size=1, max_batch_delay=0, min_workers=1, max_workers=2, autoscale_window_ms=50, autoscale_cooldown_ms=200),
+            JobQueue(10), LOAD, {}, Placement(0, cpus=8),
+            on_loaded=lambda slot: None, on_batch=lambda size, seconds, result: None, spawn=script.spawn,
+            on_scaled=lambda direction, reason: scaled.append((direction, reason)),
+        )  # fmt: skip
+        assert await supervision.first_failure(workers.add(1)) is None
+        jobs = [job(str(i).encode(), str(i)) for i in range(5)]
+        for queued in jobs:
+            workers.queue.put(queued)
+        workers.notify()
+        await until(lambda: sum(slot.status == WorkerState.READY for slot in workers.slots) == 2, "a second worker")
+        assert scaled == [("up", "queue_length")]
+        assert [process.threads for process in script.processes] == [4, 4]  # 8 CPUs for max_workers 2
+        gate.set()
+        replies = await asyncio.gather(*(queued.future for queued in jobs))
+        assert [reply.body for reply in replies] == [str(i).encode() for i in range(5)]
+        await until(lambda: len(workers.slots) == 1, "the idle worker to go")
+        assert scaled == [("up", "queue_length"), ("down", "idle")]
+        assert workers.autoscaler.status().scale_downs == 1
+        await asyncio.sleep(0.4)
+        assert workers.live == 1  # never below min_workers
+        assert await workers.drain(1)
+        assert workers._autoscaling is None
         await workers.stop(ServerError("stopped", 503))
 
     asyncio.run(main())
