@@ -185,6 +185,7 @@ async def serve(
             on_ready([*urls, *(grpc_servers.bound.values() if grpc_servers is not None else ("-", "-"))])
         log_plan(snapshots)
         await _load_startup_models(registry, config, snapshots.restore)
+        registry.serving = True  # ready from now on, once the models registered above are
         if writer is not None:
             await writer.start(registry)
         await stop.wait()

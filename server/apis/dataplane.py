@@ -43,8 +43,9 @@ def json_answer(payload: object, status: int = 200) -> Response:
 
 def server_ready(registry: ModelRegistry) -> bool:
     """Every registered version that should have workers has one serving; versions scaled to
-    (or registered with) no workers do not count, and a server without models is ready."""
-    return all(model.ready for model in registry.all_models() if model.settings.min_workers > 0)
+    (or registered with) no workers do not count, and a server without models is ready, once its
+    startup models are registered (never while it starts or stops: ``ModelRegistry.serving``)."""
+    return registry.serving and all(model.ready for model in registry.all_models() if model.settings.min_workers > 0)
 
 
 def queue_job(

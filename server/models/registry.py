@@ -86,6 +86,10 @@ class ModelRegistry:
         self._models: dict[str, _Model] = {}
         self._placement = placement or Placement(gpu_count)
         self._stopping = False
+        # True from the end of start-up (the startup models registered; serve() sets it) until a stop
+        # begins. Outside it the server is not ready, models or not: a Kubernetes probe must not see
+        # a pod ready in the moment before its model_snapshot is registered, nor while it drains.
+        self.serving = False
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -358,6 +362,7 @@ class ModelRegistry:
         waiting on them is answered (503) at once; workers that serve stay, to finish their queues.
         Registering and scaling are refused (503), and ``on_change`` is no longer called."""
         self._stopping = True
+        self.serving = False
         stopping = ServiceUnavailable("The server is stopping")
         await asyncio.gather(*(m.supervisor.stop_starting(stopping) for m in self.all_models()))
 
