@@ -58,6 +58,7 @@ from pydantic import (
     model_validator,
 )
 
+from .models.policy import parse_policies
 from .workers.placement import default_max_workers, detect_gpu_count, machine_cpus, machine_memory
 
 
@@ -288,6 +289,7 @@ CONNECTION_GRACE_MS = Range(0, 2**31 - 1)
 RETRY_TIMEOUT = Range(0, 86_400)  # s: maxRetryTimeoutInSec
 CLIENT_TIMEOUT_MS = Range(0, 86_400_000)  # ms: clientTimeoutInMills
 PARALLEL_LEVEL = Range(0, 1024)  # parallelLevel
+POLL_SECONDS = Range(1, 86_400)  # s: model_store_poll_seconds (0: off)
 BATCHES_IN_FLIGHT = Range(1, 2)  # max_batches_in_flight, maxBatchesInFlight: the one running and the next
 # ms: autoscale_window_ms, autoscaleWindowMs (how long queue pressure lasts before a worker is
 # added) and autoscale_cooldown_ms, autoscaleCooldownMs (how long quiet lasts before one goes).
@@ -366,6 +368,13 @@ def _host(value: str) -> str:
     return host
 
 
+def _s3_urls(urls: list[str]) -> list[str]:
+    for url in urls:
+        if not url.lower().startswith("s3://"):
+            raise ValueError("expected s3://bucket/prefix/ URLs")
+    return urls
+
+
 def _regex(pattern: str) -> str:
     try:
         re.compile(pattern)
@@ -406,6 +415,11 @@ def _check_models_json(models: dict[str, dict[str, dict[str, Any]]]) -> dict[str
     if problems:
         raise ValueError("; ".join(problems))
     return models
+
+
+def _check_policies(policies: dict[str, Any]) -> dict[str, Any]:
+    parse_policies(policies)  # ValueError names the model
+    return policies
 
 
 def _problem(error: Any) -> str:
@@ -498,6 +512,14 @@ class ServerConfig(BaseModel):
         Json[dict[str, dict[str, dict[str, Any]]]], _blank_is("{}"), AfterValidator(_check_models_json)
     ] = {}
     model_snapshot: Annotated[Json[dict[str, Any]] | None, _blank_is(None)] = None
+    # DEV (new keys): watching the model store for new and removed versions (server/models/watching.py).
+    # 0: off, TorchServe's behaviour. The policy is JSON per model (server/models/policy.py); the
+    # watch URLs are s3:// prefixes watched as the store is, each allowed by allowed_urls.
+    model_store_poll_seconds: Annotated[Int, _within(POLL_SECONDS, zero="off")] = 0
+    model_store_version_policy: Annotated[
+        Json[dict[str, Any]], _blank_is("{}"), AfterValidator(_check_policies)
+    ] = {}
+    model_store_watch_urls: Annotated[CommaList, AfterValidator(_s3_urls)] = []
 
     job_queue_size: Annotated[Int, _within(JOB_QUEUE_SIZE)] = 100
     # DEV: 0 means 1 (TorchServe: one per GPU, else one per CPU); at most max_workers_per_model.
@@ -587,6 +609,15 @@ class ServerConfig(BaseModel):
                 raise ConfigError(f"{key} is https, which needs certificate_file and private_key_file")
         if self.enable_grpc and self.enable_grpc_ssl and not (self.certificate_file and self.private_key_file):
             raise ConfigError("enable_grpc_ssl is true, which needs certificate_file and private_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _watch_urls_allowed(self) -> ServerConfig:
+        for url in self.model_store_watch_urls:
+            if not self.url_allowed(url):
+                raise ConfigError(_invalid("model_store_watch_urls", url, "it does not match any of allowed_urls"))
+        if self.model_store_watch_urls and not self.model_store_poll_seconds:
+            raise ConfigError("model_store_watch_urls is set, which needs model_store_poll_seconds")
         return self
 
     @property

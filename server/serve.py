@@ -23,7 +23,8 @@ from .metrics.recording import Metrics, NoMetrics
 from .metrics.system import SystemMetrics
 from .models.registry import ModelRegistry, RegisterRequest
 from .models.status import WorkerState
-from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore
+from .models.snapshot import SavedState, SnapshotPlan, SnapshotWriter, log_plan, restore, restore_rollouts
+from .models.watching import StoreWatcher
 from .models.workdirs import make_workdir
 from .models.version import Observer
 from .models.sources import worker_environment
@@ -159,6 +160,7 @@ async def serve(
     )
     listeners: list[Listener] = []
     grpc_servers: GrpcServers | None = None
+    watcher: StoreWatcher | None = None
     try:
         try:
             listeners = _listeners(config, registry, metrics, auth, policy)
@@ -185,12 +187,22 @@ async def serve(
             on_ready([*urls, *(grpc_servers.bound.values() if grpc_servers is not None else ("-", "-"))])
         log_plan(snapshots)
         await _load_startup_models(registry, config, snapshots.restore)
+        if config.model_store_poll_seconds:
+            # Its first scan registers what the store holds; the snapshot's labels, traffic split
+            # and shadow may name those versions, so they come back after it.
+            watcher = StoreWatcher(registry, config, cache_dir=workdir / "watched", environ=environ)
+            await watcher.start()
+        if snapshots.restore is not None:
+            await restore_rollouts(registry, snapshots.restore)
         registry.serving = True  # ready from now on, once the models registered above are
         if writer is not None:
             await writer.start(registry)
         await stop.wait()
         log.info("stopping: finishing in-flight requests")
     finally:
+        if watcher is not None:
+            # No scan or load from now on; versions it was unregistering finish draining.
+            await watcher.stop()
         # First: a register or scale waiting on workers to start is answered now, not after the
         # listeners' grace; workers that serve stay, so that requests in flight finish.
         await registry.begin_shutdown()

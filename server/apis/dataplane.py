@@ -25,7 +25,9 @@ from ..http.responses import Response
 from ..http.routing import Route, split_path
 from ..metrics.recording import Metrics
 from ..models.batching import Job, Reply
+from ..models import shadow as shadows
 from ..models.registry import ModelRegistry
+from ..models.rollout import sampled
 from ..models.version import ModelVersion
 
 JSON = "application/json"
@@ -57,10 +59,13 @@ def queue_job(
     *,
     envelope: str,
     explain: bool,
+    registry: ModelRegistry | None = None,
+    route: str = "explicit",
 ) -> asyncio.Future[Reply]:
     """Queue ``request`` on ``model`` (named by ``url_version`` in the URL, or its model's default)
     for the worker to answer in ``envelope``; the future is the worker's reply. 503 when it has no
-    worker or its queue is full, as ``/predictions`` answers."""
+    worker or its queue is full, as ``/predictions`` answers. With ``registry``, the request is
+    counted by ``route`` (``ModelRegistry.route``) and mirrored to the model's shadow, if any."""
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
     headers.append(("explain", "True" if explain else "False"))
     headers.append(("url_path", ""))
@@ -74,7 +79,24 @@ def queue_job(
     # Counted once answered, even when refused at the queue, as TorchServe counts predictions.
     request.on_answered = record
     model.submit(job, versioned=url_version is not None)
+    if registry is not None:
+        rolled_out(registry, metrics, model, route, job)
     return future
+
+
+def rolled_out(registry: ModelRegistry, metrics: Metrics, model: ModelVersion, route: str, job: Job) -> None:
+    """Count a queued request by how its version was chosen, and mirror a sample of the requests
+    the rollout chose a version for (never one that names its version) to the model's shadow."""
+    metrics.routed(model.name, model.version, route)
+    if route == "explicit":
+        return
+    found = registry.shadow_of(model)
+    if found is None:
+        return
+    shadow, setting, stats = found
+    if sampled(setting.percent):
+        metrics.routed(model.name, shadow.version, "shadow")
+        shadows.mirror(job, shadow, stats, metrics.shadowed)
 
 
 def fallback(prefix: str, routes: Sequence[Route], key: str | None) -> Route:

@@ -18,6 +18,7 @@ from ..http.routing import Route, methods
 from ..metrics.recording import Metrics
 from ..models.batching import Job, Reply, stream_format
 from ..models.registry import ModelRegistry
+from .dataplane import rolled_out
 from .openapi import for_model, inference_openapi
 
 # TorchServe does not check the method of a prediction: curl -T (PUT) and GET work too.
@@ -55,11 +56,16 @@ def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callab
     explain_header = ("explain", "True" if explain else "False")
 
     def predict(request: Request) -> asyncio.Future[Reply]:
-        """Queue the request on its model version; segments after the version become the
-        ``url_path`` header handlers can read."""
+        """Queue the request on its model version (``/predictions/m/v``), the one a label names
+        (``/predictions/m/labels/l``), or the one the model's traffic split or default picks;
+        segments after the version or label become the ``url_path`` header handlers can read."""
         name = request.path_params["model_name"]
         version, _, url_path = request.path_params["rest"].partition("/")
-        model = registry.get(name, version or None)
+        label = None
+        if version == "labels" and url_path:
+            label, _, url_path = url_path.partition("/")
+            version = ""
+        model, route = registry.route(name, version or None, label, request.header(b"x-route-key"))
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
         headers.append(explain_header)
         headers.append(("url_path", url_path.strip("/")))
@@ -77,6 +83,7 @@ def _predict(registry: ModelRegistry, metrics: Metrics, explain: bool) -> Callab
         # TorchServe counts every request that reached its queue, even one refused there.
         request.on_answered = record
         model.submit(job, versioned=bool(version))
+        rolled_out(registry, metrics, model, route, job)
         return future
 
     return predict

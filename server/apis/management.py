@@ -1,5 +1,6 @@
 """TorchServe's management API (port 8081): register, list, describe, scale, unregister,
-set-default, and token rotation."""
+set-default, and token rotation; and marserve's rollouts (server/models/rollout.py): labels, the
+traffic split and the shadow version."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..http.responses import Response, json_response, status_response
 from ..http.routing import Route, methods
 from ..metrics.system import rss_bytes
 from ..models.registry import ModelRegistry, RegisterRequest
+from ..models.rollout import parse_shadow, parse_weights
 from ..models.status import VersionStatus, WorkerState
 from .openapi import for_model, management_openapi
 
@@ -62,8 +64,43 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
 
     def describe_model(request: Request) -> Response:
         # The default version, one version, or "all" of them.
-        statuses = registry.status(request.path_params["model_name"], request.path_params.get("version"))
-        return json_response([describe(s) for s in statuses])
+        name = request.path_params["model_name"]
+        statuses = registry.status(name, request.path_params.get("version"))
+        labels = registry.rollout(name).labels
+        return json_response([describe(s) | {"labels": sorted(k for k, v in labels.items() if v == s.version)} for s in statuses])
+
+    def list_labels(request: Request) -> Response:
+        return json_response(dict(sorted(registry.rollout(request.path_params["model_name"]).labels.items())))
+
+    async def put_label(request: Request) -> Response:
+        version = request.query.get("version")
+        if not version:
+            raise BadRequest("Parameter version is required: the version the label names")
+        params = request.path_params
+        return status_response(await registry.set_label(params["model_name"], params["label"], version))
+
+    async def delete_label(request: Request) -> Response:
+        params = request.path_params
+        return status_response(await registry.delete_label(params["model_name"], params["label"]))
+
+    def get_traffic(request: Request) -> Response:
+        return json_response(registry.rollout(request.path_params["model_name"]).split)
+
+    async def put_traffic(request: Request) -> Response:
+        weights = {} if request.method == "DELETE" else parse_weights(_json_body(request))
+        return status_response(await registry.set_traffic(request.path_params["model_name"], weights))
+
+    def get_shadow(request: Request) -> Response:
+        name = request.path_params["model_name"]
+        shadow = registry.rollout(name).shadow
+        if shadow is None:
+            return json_response({})
+        stats = registry.shadow_stats(name).as_json()
+        return json_response({"version": shadow.version, "percent": shadow.percent, "stats": stats})
+
+    async def put_shadow(request: Request) -> Response:
+        shadow = None if request.method == "DELETE" else parse_shadow(_json_body(request))
+        return status_response(await registry.set_shadow(request.path_params["model_name"], shadow))
 
     async def scale(request: Request) -> Response:
         params = request.query
@@ -116,6 +153,14 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
         Route("/api-description", api_description, methods("GET", "OPTIONS"), None, reads_body=False),
         Route("/models", list_models, methods("GET"), MANAGEMENT, reads_body=False),
         Route("/models", register, methods("POST"), MANAGEMENT),
+        # Before the per-version routes: a version cannot be named labels, traffic or shadow here.
+        Route("/models/{model_name}/labels", list_labels, methods("GET"), MANAGEMENT, reads_body=False),
+        Route("/models/{model_name}/labels/{label}", put_label, methods("PUT"), MANAGEMENT, reads_body=False),
+        Route("/models/{model_name}/labels/{label}", delete_label, methods("DELETE"), MANAGEMENT, reads_body=False),
+        Route("/models/{model_name}/traffic", get_traffic, methods("GET"), MANAGEMENT, reads_body=False),
+        Route("/models/{model_name}/traffic", put_traffic, methods("PUT", "DELETE"), MANAGEMENT),
+        Route("/models/{model_name}/shadow", get_shadow, methods("GET"), MANAGEMENT, reads_body=False),
+        Route("/models/{model_name}/shadow", put_shadow, methods("PUT", "DELETE"), MANAGEMENT),
         *per_model("/models/{model_name}"),
         *per_model("/models/{model_name}/{version}"),
         Route("/models/{model_name}/{version}/set-default", set_default, methods("PUT"), MANAGEMENT, reads_body=False),
@@ -223,6 +268,16 @@ def _params(request: Request) -> dict[str, str]:
         # JSON null means "not given", like a parameter left out of the query string.
         params.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items() if v is not None})
     return params
+
+
+def _json_body(request: Request) -> object:
+    """A JSON body; an empty one is ``{}``."""
+    if not request.body.strip():
+        return {}
+    try:
+        return json.loads(request.body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
 
 
 def _int(params: dict[str, str], key: str) -> int | None:

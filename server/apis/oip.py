@@ -77,14 +77,22 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[Route]:
     def inference(explain: bool) -> Callable[[Request], asyncio.Future[Reply]]:
         def infer(request: Request) -> asyncio.Future[Reply]:
             name, version = _target(request)
-            model = registry.get(name, version)
+            label = request.path_params.get("label")
+            model, route = registry.route(name, version, label, request.header(b"x-route-key"))
             check_body(request)
             params = [("body", request.content_type(), request.body)]
-            return queue_job(metrics, request, model, version, params, envelope=ENVELOPE, explain=explain)
+            return queue_job(
+                metrics, request, model, version, params, envelope=ENVELOPE, explain=explain, registry=registry, route=route
+            )
 
         return infer
 
     table: list[Route] = []
+    table += [
+        # A label wherever a version can be named (server/models/rollout.py).
+        Route("/v2/models/{model_name}/labels/{label}/infer", inference(False), _POST, INFERENCE, errors=kserve_error),
+        Route("/v2/models/{model_name}/labels/{label}/explain", inference(True), _POST, INFERENCE, errors=kserve_error),
+    ]
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
         table += [
             Route(f"{prefix}/infer", inference(False), _POST, INFERENCE, errors=kserve_error),

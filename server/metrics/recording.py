@@ -81,6 +81,19 @@ class Metrics:
         self.registry.register(self._refused)
         self._responses = _ModelResponses()
         self.registry.register(self._responses)
+        # Rollouts (server/models/rollout.py): how each request's version was chosen, and what the
+        # shadow's copies came to.
+        self._routed = _LabelledCounter(
+            "marserve_routed_requests", "Inference requests by the way their model version was chosen.", (*MODEL_LABELS, "route")
+        )
+        self.registry.register(self._routed)
+        self._shadowed = _LabelledCounter(
+            "marserve_shadow_requests", "Shadow copies of requests by outcome (match, differ, answered, error).", (*MODEL_LABELS, "outcome")
+        )
+        self.registry.register(self._shadowed)
+        self.shadow_seconds = histogram(
+            "marserve_shadow_duration_seconds", "Shadow copies: time from the copy being queued to its answer."
+        )
         # Per model version: its histogram series and its PredictionTime gauge's label values.
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
@@ -143,6 +156,16 @@ class Metrics:
             self._custom.set("PredictionTime", "gauge", "Milliseconds", _PREDICTION_LABELS, prediction_labels, round(prediction_ms, 2))
         for metric in result.metrics or ():
             self._custom.record(metric)
+
+    def routed(self, name: str, version: str, route: str) -> None:
+        """One request sent to ``version`` by ``route``: explicit, label, split, default or shadow."""
+        self._routed.counts[(name, version, route)] += 1
+
+    def shadowed(self, name: str, version: str, outcome: str, seconds: float | None) -> None:
+        """One shadow copy ended with ``outcome``; ``seconds`` its latency when it was answered."""
+        self._shadowed.counts[(name, version, outcome)] += 1
+        if seconds is not None:
+            self.shadow_seconds.series((name, version)).observe(seconds)
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
         self.load_seconds.series((name, version)).observe(seconds)
@@ -292,6 +315,22 @@ class _ModelCounter(Collector):
         family = CounterMetricFamily(self.name, self.doc, labels=list(MODEL_LABELS))
         for (name, version), count in list(self.counts.items()):
             family.add_metric([name, version], count)
+        yield family
+
+
+class _LabelledCounter(Collector):
+    """A counter family with fixed label names, kept as plain numbers per label values."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labels = labels
+        self.counts: defaultdict[tuple[str, ...], int] = defaultdict(int)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for values, count in list(self.counts.items()):
+            family.add_metric(list(values), count)
         yield family
 
 
@@ -475,6 +514,12 @@ class NoMetrics(Metrics):
         pass
 
     def worker_loaded(self, name: str, version: str, worker_id: str, seconds: float) -> None:
+        pass
+
+    def routed(self, name: str, version: str, route: str) -> None:
+        pass
+
+    def shadowed(self, name: str, version: str, outcome: str, seconds: float | None) -> None:
         pass
 
     def scaled(self, name: str, version: str, direction: str, reason: str) -> None:

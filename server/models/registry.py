@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from archiver import ArchiveError, check_model_name
@@ -27,6 +27,7 @@ from ..workers.messages import Load
 from ..workers.placement import Placement
 from ..workers.supervisor import first_failure
 from . import sources
+from .rollout import Rollout, ShadowSetting, ShadowStats, check_label, version_key
 from .settings import (
     RegisterRequest,
     check_register_request,
@@ -49,14 +50,24 @@ SERVER_VERSION = "0.12.0"  # what handlers see as context.system_properties["ser
 class _Registered:
     model: ModelVersion
     request: RegisterRequest  # as given, but initial_workers is the last scale's minimum
+    watched: bool = False  # registered by the model-store watcher (server/models/watching.py), not the API
 
 
 @dataclass
 class _Model:
-    """One model name: its versions, in the order they were registered, and its default."""
+    """One model name: its versions, in the order they were registered, and its default; its
+    labels, traffic split and shadow (server/models/rollout.py), and the versions that left
+    lately, for TF Serving's ``model_version_status`` (version -> UNLOADING or END)."""
 
     versions: dict[str, _Registered]
     default: str
+    rollout: Rollout = field(default_factory=Rollout)
+    shadow_stats: ShadowStats = field(default_factory=ShadowStats)
+    retired: dict[str, str] = field(default_factory=dict)
+
+
+#: Versions that left a model, kept for its status (TF Serving's END).
+_RETIRED_KEPT = 16
 
 
 class ModelRegistry:
@@ -173,6 +184,28 @@ class ModelRegistry:
     async def register(self, request: RegisterRequest, loaded_at_startup: bool = False) -> tuple[int, str]:
         """Register a model version; returns TorchServe's (status, message)."""
         path = sources.resolve_url(self.config, request.url)
+        status, message, _ = await self._register(request, path, request.url or "", loaded_at_startup=loaded_at_startup)
+        return status, message
+
+    async def register_watched(self, request: RegisterRequest, path: Path, version: str | None) -> ModelVersion:
+        """Register the archive at ``path``, found by the model-store watcher; ``request.url`` is
+        what describe shows (its place in the store, or its s3:// URL), ``version`` the version its
+        directory names (None: the archive's own). Returns the version registered."""
+        _, _, model = await self._register(request, path, "", version=version, watched=True)
+        return model
+
+    async def _register(
+        self,
+        request: RegisterRequest,
+        path: Path,
+        fetch: str,
+        *,
+        loaded_at_startup: bool = False,
+        version: str | None = None,
+        watched: bool = False,
+    ) -> tuple[int, str, ModelVersion]:
+        """Register the archive at ``path``, first fetched from ``fetch`` if that is a URL to
+        download; ``version`` overrides the archive's own."""
         if request.runtime is not None and request.runtime not in ("python", "python3"):
             raise BadRequest(f"Invalid RuntimeType value: {request.runtime}")
         if request.model_name is not None:
@@ -183,27 +216,33 @@ class ModelRegistry:
             # Early, before the archive is opened; _add checks again as it starts them.
             self._check_total("initial_workers", request.initial_workers, request.initial_workers)
         source = await sources.open_source(
-            self.config, request.url or "", path, workdir=self.workdir, default_name=request.model_name
+            self.config, fetch, path, workdir=self.workdir, default_name=request.model_name, environ=self.environ
         )
         archive = source.archive
         try:
             env = sources.model_environment(
                 self.environ, self.config.blacklist_env_vars, archive.model_dir, source.python_path
             )
-            model, workers_from = self._build(request, source, env, loaded_at_startup)
+            model, workers_from = self._build(request, source, env, loaded_at_startup, version)
             await sources.install_dependencies(source, model.name, env)
         except BaseException:
             archive.cleanup()
             source.remove_download()
             raise
         try:
-            return await self._add(model, request, workers_from)
+            status, message = await self._add(model, request, workers_from, watched)
+            return status, message, model
         except BaseException:
             source.remove_download()  # a failed registration leaves no downloaded file behind
             raise
 
     def _build(
-        self, request: RegisterRequest, source: sources.Source, env: dict[str, str], loaded_at_startup: bool
+        self,
+        request: RegisterRequest,
+        source: sources.Source,
+        env: dict[str, str],
+        loaded_at_startup: bool,
+        version: str | None = None,
     ) -> tuple[ModelVersion, str]:
         """The model version to add, and the setting its worker count comes from."""
         archive = source.archive
@@ -214,9 +253,8 @@ class ModelRegistry:
         if not handler:
             raise InvalidModel(f"Model {name} has no handler: set one in the archive or with handler=")
         yaml, yaml_dict = sources.read_model_yaml(archive)
-        settings = resolve_settings(
-            request, yaml, self.config, name=name, version=manifest.version, gpu_count=self.gpu_count
-        )
+        version = version or manifest.version
+        settings = resolve_settings(request, yaml, self.config, name=name, version=version, gpu_count=self.gpu_count)
         check_worker_bounds(settings, request, yaml, self.caps)
         load = Load(
             model_name=name,
@@ -235,12 +273,14 @@ class ModelRegistry:
             overlap_stages=settings.overlap_stages,
         )
         model = ModelVersion(
-            name, manifest.version, request.url or "", archive, handler, settings, load, env, self._placement,
+            name, version, request.url or "", archive, handler, settings, load, env, self._placement,
             self.observer, loaded_at_startup, room=self.room,
         )  # fmt: skip
         return model, workers_source(request, yaml)
 
-    async def _add(self, model: ModelVersion, request: RegisterRequest, workers_from: str) -> tuple[int, str]:
+    async def _add(
+        self, model: ModelVersion, request: RegisterRequest, workers_from: str, watched: bool = False
+    ) -> tuple[int, str]:
         name, version, workers = model.name, model.version, model.settings.min_workers
         entry = self._models.get(name)
         try:
@@ -253,7 +293,8 @@ class ModelRegistry:
             raise
         if entry is None:
             entry = self._models[name] = _Model({}, version)
-        entry.versions[version] = _Registered(model, request)
+        entry.versions[version] = _Registered(model, request, watched)
+        entry.retired.pop(version, None)
         log.info(
             "model %s version %s registered from %s (handler %s, batch_size %d, max_batch_delay %d ms, %d workers)",
             name, version, model.url, model.handler, model.settings.batch_size, model.settings.max_batch_delay, workers,
@@ -317,26 +358,63 @@ class ModelRegistry:
         entry = self._models[name]
         if model.version == entry.default and len(entry.versions) > 1:
             raise Forbidden(f"Cannot remove default version for model {name}")
-        del entry.versions[model.version]
-        if not entry.versions:
-            del self._models[name]
-        log.info("model %s version %s unregistered; its queue drains, then its workers stop", name, model.version)
-        await self._changed()
-        # New requests already get 404; the ones queued or in flight finish first.
-        drained = await model.drain(self.config.unregister_model_timeout)
-        await model.stop()
-        if sources.is_download(model.url):
+        named = entry.rollout.names(model.version)
+        if named:
+            raise Conflict(
+                f"Model version {model.version} of model {name} is named by {', '.join(named)}: "
+                "move or remove that first"
+            )
+        watched = entry.versions[model.version].watched
+        drained = await self._unload(entry, model)
+        if sources.is_download(model.url) and not watched:
             # As in TorchServe, an archive downloaded for a model goes with it (not at shutdown).
             sources.download_path(self.config, model.url).unlink(missing_ok=True)
         if not drained:
             raise RequestTimeout(f"Timed out while cleaning resources: {name}")
         return f'Model "{name}" unregistered'
 
+    async def retire(self, model: ModelVersion, why: str) -> bool:
+        """Unregister a version the model-store watcher registered, because ``why``: its labels,
+        split and shadow let go of it (with a warning), the default moves to the newest version
+        left, and its requests drain. False when they did not drain in time."""
+        entry = self._models.get(model.name)
+        if entry is None or entry.versions.get(model.version) is None or entry.versions[model.version].model is not model:
+            return True
+        for named in entry.rollout.drop(model.version):
+            log.warning("model %s: %s named version %s, which is gone (%s); it no longer does", model.name, named, model.version, why)
+        if entry.default == model.version and len(entry.versions) > 1:
+            rest = [r.model for v, r in entry.versions.items() if v != model.version]
+            # The newest that serves, else the newest.
+            best = max(rest, key=lambda m: (m.ready, version_key(m.version)))
+            entry.default = best.version
+            log.info("model %s: default version is now %s (%s left)", model.name, best.version, model.version)
+        log.info("model %s version %s unregistered (%s)", model.name, model.version, why)
+        return await self._unload(entry, model)
+
+    async def _unload(self, entry: _Model, model: ModelVersion) -> bool:
+        """Take ``model`` out (it is not the default, or the model's last version), let its queued and
+        in-flight requests finish, then stop its workers. False when they did not drain in time."""
+        name = model.name
+        del entry.versions[model.version]
+        if not entry.versions:
+            del self._models[name]
+        entry.retired[model.version] = "UNLOADING"
+        log.info("model %s version %s unregistered; its queue drains, then its workers stop", name, model.version)
+        await self._changed()
+        # New requests already get 404; the ones queued or in flight finish first.
+        drained = await model.drain(self.config.unregister_model_timeout)
+        await model.stop()
+        entry.retired[model.version] = "END"
+        while len(entry.retired) > _RETIRED_KEPT:
+            del entry.retired[next(iter(entry.retired))]
+        return drained
+
     async def _remove(self, model: ModelVersion) -> None:
         entry = self._models.get(model.name)
         registered = entry.versions.get(model.version) if entry is not None else None
         if entry is not None and registered is not None and registered.model is model:
             del entry.versions[model.version]
+            entry.rollout.drop(model.version)
             if not entry.versions:
                 del self._models[model.name]
             elif entry.default == model.version:
@@ -355,6 +433,130 @@ class ModelRegistry:
         log.info("model %s: default version is now %s", name, version)
         await self._changed()
         return f'Default version successfully updated for model "{name}" to "{version}"'
+
+    # -- rollouts: labels, traffic split, shadow (server/models/rollout.py) ----------------------
+
+    def route(self, name: str, version: str | None, label: str | None, route_key: bytes | None) -> tuple[ModelVersion, str]:
+        """The version a request goes to, and how it was chosen: ``explicit`` (it names a version),
+        ``label``, ``split`` (it names none and the model has a traffic split) or ``default``."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        if version is not None:
+            registered = entry.versions.get(version)
+            if registered is None:
+                raise ModelVersionNotFound(name, version)
+            return registered.model, "explicit"
+        rollout = entry.rollout
+        if label is not None:
+            target = rollout.labels.get(label)
+            if target is None:
+                raise ModelVersionNotFound(name, label, f"Label {label} does not exist for model {name}")
+            return entry.versions[target].model, "label"
+        if rollout.split:
+            return entry.versions[rollout.pick(route_key)].model, "split"
+        return entry.versions[entry.default].model, "default"
+
+    def shadow_of(self, model: ModelVersion) -> tuple[ModelVersion, ShadowSetting, ShadowStats] | None:
+        """The shadow that mirrors requests served by ``model`` (never itself), if its model has one."""
+        entry = self._models.get(model.name)
+        shadow = entry.rollout.shadow if entry is not None else None
+        if entry is None or shadow is None or shadow.version == model.version:
+            return None
+        return entry.versions[shadow.version].model, shadow, entry.shadow_stats
+
+    def rollout(self, name: str) -> Rollout:
+        """``name``'s labels, split and shadow (read them; change them through the methods below)."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        return entry.rollout
+
+    def shadow_stats(self, name: str) -> ShadowStats:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        return entry.shadow_stats
+
+    def labels_of(self, model: ModelVersion) -> list[str]:
+        entry = self._models.get(model.name)
+        return sorted(label for label, v in entry.rollout.labels.items() if v == model.version) if entry else []
+
+    def is_watched(self, model: ModelVersion) -> bool:
+        entry = self._models.get(model.name)
+        registered = entry.versions.get(model.version) if entry is not None else None
+        return registered is not None and registered.watched
+
+    def version_states(self, name: str) -> list[tuple[str, str]]:
+        """TF Serving's ``model_version_status`` states: AVAILABLE (serving), LOADING (no worker
+        serves yet), and UNLOADING or END for versions that left lately; newest first."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        states = {v: "AVAILABLE" if r.model.ready else "LOADING" for v, r in entry.versions.items()}
+        states |= {v: state for v, state in entry.retired.items() if v not in states}
+        return sorted(states.items(), key=lambda item: version_key(item[0]), reverse=True)
+
+    def _serving_version(self, entry: _Model, name: str, version: str, force: bool) -> None:
+        registered = entry.versions.get(version)
+        if registered is None:
+            raise ModelVersionNotFound(name, version)
+        if not force and not registered.model.ready and registered.model.settings.min_workers > 0:
+            # As TF Serving: traffic goes only to a version that can answer it.
+            raise Conflict(f"Model version {version} of model {name} has no worker ready yet; try again once it has")
+
+    async def set_label(self, name: str, label: str, version: str, *, force: bool = False) -> str:
+        """Point ``label`` at ``version`` (a ready one, unless ``force``: a snapshot being restored)."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        check_label(label)
+        self._serving_version(entry, name, version, force)
+        entry.rollout.labels[label] = version
+        log.info("model %s: label %s now names version %s", name, label, version)
+        await self._changed()
+        return f"Label {label} of model {name} now names version {version}"
+
+    async def delete_label(self, name: str, label: str) -> str:
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        if entry.rollout.labels.pop(label, None) is None:
+            raise ModelVersionNotFound(name, label, f"Label {label} does not exist for model {name}")
+        log.info("model %s: label %s removed", name, label)
+        await self._changed()
+        return f"Label {label} of model {name} removed"
+
+    async def set_traffic(self, name: str, weights: dict[str, int], *, force: bool = False) -> str:
+        """Split the requests that name no version by ``weights`` ({} removes the split)."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        for version, weight in weights.items():
+            if weight > 0 or version not in entry.versions:
+                self._serving_version(entry, name, version, force)
+        entry.rollout.set_split(weights)
+        log.info("model %s: traffic split %s", name, weights or "removed")
+        await self._changed()
+        if not weights:
+            return f"Traffic split of model {name} removed"
+        return f"Traffic of model {name} split " + ", ".join(f"{v}: {w}" for v, w in weights.items())
+
+    async def set_shadow(self, name: str, shadow: ShadowSetting | None) -> str:
+        """Mirror ``shadow.percent`` of the requests the split or default serve to ``shadow.version``
+        (None: stop); its figures start again from zero."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        if shadow is not None and shadow.version not in entry.versions:
+            raise ModelVersionNotFound(name, shadow.version)
+        entry.rollout.shadow = shadow
+        entry.shadow_stats = ShadowStats()
+        log.info("model %s: shadow %s", name, f"version {shadow.version}, {shadow.percent:g}%" if shadow else "removed")
+        await self._changed()
+        if shadow is None:
+            return f"Shadow of model {name} removed"
+        return f"Version {shadow.version} of model {name} now shadows {shadow.percent:g}% of its requests"
 
     async def begin_shutdown(self) -> None:
         """The server is stopping: no worker starts from now on. Starts waiting for their turn or

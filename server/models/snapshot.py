@@ -10,6 +10,11 @@ The file is ``<log_location>/config/snapshot.json`` (TorchServe keeps its snapsh
 ``$LOG_LOCATION/config`` too), rewritten atomically after every change. A hand-written
 ``model_snapshot=`` in ``config.properties`` (TorchServe's format, used by KServe images) is
 restored instead of the file.
+
+Rollouts (server/models/rollout.py) are saved too: each model's labels, traffic split and shadow,
+restored once its versions are back. Versions the model-store watcher registered are not saved:
+the store is where they come from, and the watcher's first scan brings them back at start, before
+the rollouts are restored.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from archiver import one_line
 from ..config import ServerConfig
 from ..errors import ServerError
 from .registry import ModelRegistry, RegisterRequest
+from .rollout import ShadowSetting, parse_shadow, parse_weights
 from .settings import check_workers
 
 log = logging.getLogger("marserve.snapshot")
@@ -114,12 +120,35 @@ class SavedModel(BaseModel):
         return f"{self.name} {self.version}"
 
 
+class SavedRollout(BaseModel):
+    """One model's labels, traffic split and shadow."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    labels: dict[str, str] = {}
+    traffic: dict[str, int] = {}
+    shadow: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> SavedRollout:
+        try:
+            parse_weights(self.traffic)
+            self.shadow_setting()
+        except ServerError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def shadow_setting(self) -> ShadowSetting | None:
+        return parse_shadow(self.shadow) if self.shadow else None
+
+
 class _SnapshotFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     format: int
     created: str | None = None
     models: list[SavedModel]
+    rollouts: dict[str, SavedRollout] = {}
 
 
 @dataclass(frozen=True)
@@ -128,6 +157,7 @@ class SavedState:
 
     models: list[SavedModel]
     source: str
+    rollouts: Mapping[str, SavedRollout] | None = None
 
     def has(self, name: str | None, url: str) -> bool:
         """Whether a ``--models`` entry (``name=url`` or ``url``) is a model this state restores."""
@@ -184,7 +214,7 @@ def read_snapshot(path: Path) -> SavedState | None:
         saved = _SnapshotFile.model_validate(data)
     except ValidationError as exc:
         raise SnapshotError(f"the snapshot {path} is invalid: {_first_error(exc)}; {ways_out}") from None
-    return SavedState(saved.models, str(path))
+    return SavedState(saved.models, str(path), saved.rollouts)
 
 
 class _TorchServeEntry(BaseModel):
@@ -243,6 +273,8 @@ def capture(registry: ModelRegistry) -> dict[str, Any]:
     """The registry's state as the snapshot file's JSON object."""
     models = []
     for model in registry.all_models():
+        if registry.is_watched(model):
+            continue  # the model store brings it back
         request = registry.registered_with(model)
         entry: dict[str, Any] = {
             "name": model.name,
@@ -260,7 +292,11 @@ def capture(registry: ModelRegistry) -> dict[str, Any]:
             entry["workers"] = {"min": model.settings.min_workers, "max": model.settings.max_workers}
         models.append(entry)
     created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {"format": FORMAT, "created": created, "models": models}
+    saved: dict[str, Any] = {"format": FORMAT, "created": created, "models": models}
+    rollouts = {name: registry.rollout(name).as_json() for name in registry.names() if not registry.rollout(name).empty()}
+    if rollouts:
+        saved["rollouts"] = rollouts
+    return saved
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -375,6 +411,34 @@ async def restore(registry: ModelRegistry, state: SavedState) -> None:
         "restored %s from %s (%d of %d saved); start with --ncs to skip",
         summary, state.source, len(restored), len(state.models),
     )  # fmt: skip
+
+
+async def restore_rollouts(registry: ModelRegistry, state: SavedState) -> None:
+    """Put back each model's labels, traffic split and shadow, once its versions are registered (the
+    watcher's too); what names a version that did not come back is logged and left out."""
+    for name, saved in (state.rollouts or {}).items():
+        try:
+            present = {model.version for model in registry.versions(name)}
+        except ServerError:
+            log.error("could not restore the labels, traffic split and shadow of model %s: it did not come back", name)
+            continue
+        for label, version in saved.labels.items():
+            if version in present:
+                await registry.set_label(name, label, version, force=True)
+            else:
+                log.error("model %s: label %s is left out: version %s did not come back", name, label, version)
+        if saved.traffic:
+            missing = sorted(set(saved.traffic) - present)
+            if missing:
+                log.error("model %s: its traffic split %s is left out: version %s did not come back", name, saved.traffic, missing[0])
+            else:
+                await registry.set_traffic(name, dict(saved.traffic), force=True)
+        shadow = saved.shadow_setting()
+        if shadow is not None:
+            if shadow.version in present:
+                await registry.set_shadow(name, shadow)
+            else:
+                log.error("model %s: its shadow is left out: version %s did not come back", name, shadow.version)
 
 
 def log_plan(plan: SnapshotPlan) -> None:

@@ -1,7 +1,7 @@
 """Where a model's archive comes from, and getting it ready to serve.
 
-A register URL names an archive in the model store, or an ``http(s)://`` or ``file://`` URL that
-``allowed_urls`` lets through. The archive is opened into a private working copy and, when
+A register URL names an archive in the model store, or an ``http(s)://``, ``s3://`` or ``file://``
+URL that ``allowed_urls`` lets through (``s3://``: server/models/s3.py). The archive is opened into a private working copy and, when
 ``install_py_dep_per_model`` is on, its requirements are pip-installed into that copy. Opening it
 refuses a manifest that names a path outside the archive (``archiver.paths``) with a 400, before
 any file the manifest names is read.
@@ -24,6 +24,7 @@ from archiver import MANIFEST_PATH, ArchiveError, ExtractLimits, ModelArchive, o
 
 from ..config import ConfigError, ModelYamlConfig, ServerConfig, parse_model_yaml
 from ..errors import ArchiveNotFound, BadRequest, DownloadFailed, InvalidModel
+from . import s3
 from .dependencies import install_requirements, requirements_path
 from .download import archive_file_name, download
 
@@ -31,7 +32,8 @@ log = logging.getLogger("marserve.registry")
 
 
 def is_download(url: str) -> bool:
-    return url.lower().startswith(("http://", "https://"))
+    """Whether registering ``url`` fetches it into the model store (http(s) or s3)."""
+    return url.lower().startswith(("http://", "https://", "s3://"))
 
 
 def local_url(url: str) -> str:
@@ -41,7 +43,7 @@ def local_url(url: str) -> str:
 
 
 def download_path(config: ServerConfig, url: str) -> Path:
-    """Where an http(s) URL's archive goes: the model store, under the URL's file name."""
+    """Where an http(s) or s3 URL's archive goes: the model store, under the URL's file name."""
     assert config.model_store is not None
     return Path(config.model_store) / archive_file_name(url)
 
@@ -61,6 +63,8 @@ def resolve_url(config: ServerConfig, url: str | None) -> Path:
     if "\0" in url:
         raise ArchiveNotFound(f"Model not found at: {url}")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        if s3.is_s3(url):
+            s3.split_url(url)  # refuses a URL with credentials in it before any message repeats it
         if not config.url_allowed(url):
             raise ArchiveNotFound(f"Given URL {url} does not match any allowed URL(s)")
         if url.lower().startswith("file://"):
@@ -69,7 +73,7 @@ def resolve_url(config: ServerConfig, url: str | None) -> Path:
                 raise ArchiveNotFound(f"Model not found at: {url}")
             return path
         if not is_download(url):
-            raise DownloadFailed(url, "only http:// and https:// URLs can be downloaded")
+            raise DownloadFailed(url, "only http://, https:// and s3:// URLs can be downloaded")
     store = config.model_store
     if store is None:
         raise ArchiveNotFound("Model store has not been configured.")
@@ -99,13 +103,22 @@ class Source:
 
 
 async def open_source(
-    config: ServerConfig, url: str, path: Path, *, workdir: Path | None, default_name: str | None
+    config: ServerConfig,
+    url: str,
+    path: Path,
+    *,
+    workdir: Path | None,
+    default_name: str | None,
+    environ: Mapping[str, str] | None = None,
 ) -> Source:
-    """Download ``url`` to ``path`` if it is http(s), then open the archive at ``path``.
+    """Download ``url`` to ``path`` if it is http(s) or s3 (credentials and endpoint from
+    ``environ``), then open the archive at ``path``.
 
     A failure once the file is downloaded removes it.
     """
-    if is_download(url):
+    if s3.is_s3(url):
+        await s3.download(url, path, environ=environ or {}, max_size=config.max_download_size)
+    elif is_download(url):
         await download(url, path, allowed=config.url_allowed, max_size=config.max_download_size)
     archive: ModelArchive | None = None
     try:

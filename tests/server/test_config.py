@@ -222,6 +222,9 @@ DEV_DEFAULTS = {
     "models": {},
     "disable_token_authorization": None,  # unset: decided by the addresses
     "max_download_size": 10 << 30,
+    "model_store_poll_seconds": 0,
+    "model_store_version_policy": {},
+    "model_store_watch_urls": [],
     "max_workers": None,  # unset: derived from the machine when the server starts
     "max_workers_per_model": None,  # unset: max_workers
     "autoscale_window_ms": 1000,

@@ -180,7 +180,7 @@ def test_only_http_and_https_are_downloaded(srv: Server) -> None:
     url = "ftp://127.0.0.1/models/echo.mar"
     reply = srv.register(url, initial_workers=0)
     assert_error(
-        reply, 400, "DownloadArchiveException", failed(url, "only http:// and https:// URLs can be downloaded")
+        reply, 400, "DownloadArchiveException", failed(url, "only http://, https:// and s3:// URLs can be downloaded")
     )
 
 

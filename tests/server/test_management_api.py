@@ -436,7 +436,7 @@ DESCRIBE_KEYS = [
     "maxBatchDelay", "responseTimeout", "startupTimeout", "maxRetryTimeoutInSec", "clientTimeoutInMills",
     "parallelType", "parallelLevel", "deviceType", "continuousBatching", "useJobTicket", "useVenv",
     "stateful", "sequenceMaxIdleMSec", "sequenceTimeoutMSec", "maxNumSequence", "maxSequenceJobQueueSize",
-    "loadedAtStartup", "workers", "maxBatchesInFlight", "overlapStages", "autoscaling", "jobQueueStatus",
+    "loadedAtStartup", "workers", "maxBatchesInFlight", "overlapStages", "autoscaling", "jobQueueStatus", "labels",
 ]  # fmt: skip
 WORKER_KEYS = [
     "id", "startTime", "status", "state", "batchesInFlight", "restarts", "lastExit", "memoryUsage", "pid", "gpu", "gpuUsage",
@@ -490,6 +490,7 @@ def test_describe_shape(mgmt: Server) -> None:
             "enabled": False, "windowMs": 1000, "cooldownMs": 30000, "scaleUps": 0, "scaleDowns": 0, "lastDecision": None,
         },
         "jobQueueStatus": {"remainingCapacity": 100, "pendingRequests": 0},
+        "labels": [],  # marserve's: the version labels that name it
     }
 
     by_version = describe(mgmt, "echo", "1.0")

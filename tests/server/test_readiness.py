@@ -30,7 +30,10 @@ def model_ready(srv: Server, name: str) -> bool:
     """The model's readiness, as OIP and KServe v1 both say it (and they must agree)."""
     v2 = http.get(f"{srv.inference}/v2/models/{name}/ready")
     v1 = http.get(f"{srv.inference}/v1/models/{name}")
-    assert v2.json() == v1.json() == {"name": name, "ready": v2.status_code == 200}
+    answer = {"name": name, "ready": v2.status_code == 200}
+    # KServe v1 adds TF Serving's model_version_status, which names the states of the versions.
+    assert v2.json() == {key: v1.json()[key] for key in answer} == answer
+    assert {state["state"] for state in v1.json()["model_version_status"]} >= {"AVAILABLE" if answer["ready"] else "LOADING"}
     assert v1.status_code == v2.status_code in (200, 503)
     return v2.status_code == 200
 
