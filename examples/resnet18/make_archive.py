@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-path", default="model-store", help="where resnet18.mar goes (default: model-store)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--config-file", help="a model YAML to archive with it (model-archiver's --config-file)")
     args = parser.parse_args(argv)
     export = Path(args.export_path).resolve()
     export.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--serialized-file", str(weights),
                 "--extra-files", str(labels),
                 "--export-path", str(export), "--force",
+                *(["--config-file", str(Path(args.config_file).resolve())] if args.config_file else []),
             ],
             check=True,
         )  # fmt: skip

@@ -6,7 +6,10 @@ archive whose handler is a BaseHandler subclass with no model (as TorchServe use
 - start with ``--models echo=echo.mar`` → first successful prediction, in seconds;
 - a second worker (``PUT /models/echo?min_worker=2&synchronous=true``) → READY, in seconds;
 - a worker killed with SIGKILL → all workers READY again, a new pid in its place, in seconds;
-- a worker's resident set (describe's ``memoryUsage``), beside ``python -c "import torch"``'s.
+- a worker's resident set (VmRSS), beside ``python -c "import torch"``'s.
+
+marserve runs twice: as it ships (workers forked from the template) and with
+``worker_template=false`` (each worker a fresh interpreter, which imports only what its handler needs).
 
 Each figure is the median of its rounds. Run by ``scripts/benchmark-workers``.
 """
@@ -71,7 +74,7 @@ def until(condition: Callable[[], bool], timeout: float = 120) -> None:
 class Server:
     def __init__(self, name: str, work: Path, store: Path) -> None:
         self.name = name
-        self.work = work / name
+        self.work = work / name.replace(", ", "-")
         self.work.mkdir()
         self.store = store
         ports = [free_port() for _ in range(5)]
@@ -82,7 +85,12 @@ class Server:
             f"inference_address={self.inference}\nmanagement_address={self.management}\n"
             f"metrics_address=http://127.0.0.1:{ports[2]}\ndisable_token_authorization=true\nenable_model_api=true\n"
             f"disable_system_metrics=true\ngrpc_inference_port={ports[3]}\ngrpc_management_port={ports[4]}\n"
+            # One worker to start with on both (TorchServe would start one per core).
+            "default_workers_per_model=1\n"
         )
+        if name == "marserve, spawned":
+            with self.config.open("a") as config:
+                config.write("worker_template=false\n")
         self.env = {**os.environ, "TMPDIR": str(self.work), "LOG_LOCATION": str(self.work / "logs")}
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -110,7 +118,7 @@ class Server:
             until(self.predicts)
             figures["start → first prediction, s"] = time.perf_counter() - started
             [first] = self.workers()
-            figures["worker RSS, MB"] = int(str(first["memoryUsage"])) / 2**20
+            figures["worker RSS, MB"] = rss_mb(int(str(first["pid"])))
             started = time.perf_counter()
             reply = httpx.put(f"{self.management}/models/echo", params={"min_worker": 2, "synchronous": "true"}, timeout=120)
             assert reply.status_code == 200, reply.text
@@ -134,6 +142,14 @@ class Server:
         return figures
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident set now (describe's memoryUsage needs TorchServe's system metrics)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def import_torch_rss_mb() -> float:
     out = subprocess.run(
         [str(MARSERVE_BIN / "python"), "-c", "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
@@ -155,9 +171,10 @@ def main() -> None:
             [str(MARSERVE_BIN / "model-archiver"), "--model-name", "echo", "--version", "1.0", "--handler",
              str(work / "echo_handler.py"), "--export-path", str(store)], check=True,
         )  # fmt: skip
-        results: dict[str, list[dict[str, float]]] = {"marserve": [], "torchserve": []}
+        names = ["marserve", "torchserve", "marserve, spawned"]
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for number in range(args.rounds):
-            order = ["marserve", "torchserve"] if number % 2 == 0 else ["torchserve", "marserve"]
+            order = names if number % 2 == 0 else names[::-1]
             for name in order:
                 (work / f"round{number}").mkdir(exist_ok=True)
                 figures = Server(name, work / f"round{number}", store).round()
@@ -166,12 +183,11 @@ def main() -> None:
         torch_rss = import_torch_rss_mb()
     keys = list(results["marserve"][0])
     print(f"\n{args.rounds} rounds, alternating; medians. `python -c \"import torch\"`: {torch_rss:.0f} MB max RSS.\n")
-    print("| | TorchServe 0.12 | marserve |")
-    print("|---|---|---|")
+    print("| | TorchServe 0.12 | marserve | marserve, worker_template=false |")
+    print("|---|---|---|---|")
     for key in keys:
-        ts = statistics.median(r[key] for r in results["torchserve"])
-        ms = statistics.median(r[key] for r in results["marserve"])
-        print(f"| {key} | {ts:.2f} | {ms:.2f} |")
+        row = [statistics.median(r[key] for r in results[name]) for name in ("torchserve", "marserve", "marserve, spawned")]
+        print(f"| {key} | " + " | ".join(f"{value:.2f}" for value in row) + " |")
 
 
 if __name__ == "__main__":
