@@ -64,10 +64,7 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
 
     def describe_model(request: Request) -> Response:
         # The default version, one version, or "all" of them.
-        name = request.path_params["model_name"]
-        statuses = registry.status(name, request.path_params.get("version"))
-        labels = registry.rollout(name).labels
-        return json_response([describe(s) | {"labels": sorted(k for k, v in labels.items() if v == s.version)} for s in statuses])
+        return json_response(describe_versions(registry, request.path_params["model_name"], request.path_params.get("version")))
 
     def list_labels(request: Request) -> Response:
         return json_response(dict(sorted(registry.rollout(request.path_params["model_name"]).labels.items())))
@@ -169,6 +166,16 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
         # Without tokens there is nothing to rotate: 404, as in TorchServe.
         table.append(Route("/token", rotate_token, methods("GET"), API, reads_body=False))
     return table
+
+
+def describe_versions(registry: ModelRegistry, name: str, version: str | None) -> list[dict[str, Any]]:
+    """Describe of the default version, one version, or "all" of them, each with the labels that
+    name it (REST's and gRPC's DescribeModel)."""
+    labels = registry.rollout(name).labels
+    return [
+        describe(status) | {"labels": sorted(label for label, named in labels.items() if named == status.version)}
+        for status in registry.status(name, version)
+    ]
 
 
 def describe(model: VersionStatus) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import orjson
 from google.protobuf import empty_pb2
 from grpc import StatusCode
 
-from ..apis.management import describe
+from ..apis.management import describe_versions
 from ..config import ServerConfig
 from ..errors import ServerError
 from ..http.auth import INFERENCE, MANAGEMENT
@@ -269,8 +269,7 @@ def management_service(rpcs: Rpcs, registry: ModelRegistry, config: ServerConfig
     async def describe_model(request: Any, call: Call) -> Any:
         # ``customized`` asks TorchServe's worker for its describe_handle(); marserve's REST
         # describe does not either, so it is ignored.
-        statuses = registry.status(request.model_name, request.model_version or None)
-        return as_json([describe(status) for status in statuses])
+        return as_json(describe_versions(registry, request.model_name, request.model_version or None))
 
     async def set_default(request: Any, call: Call) -> Any:
         return ok(200, await registry.set_default(request.model_name, request.model_version))
