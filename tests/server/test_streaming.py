@@ -97,8 +97,8 @@ def test_a_client_that_leaves_stops_its_stream_and_not_the_worker(srv: Server) -
             data += sock.recv(65536)
     lines = wait_for(lambda: stopped_after(srv, start), what="the stream to stop")
     assert isinstance(lines, list)
-    # The handler could tell (context.cancelled) and stopped long before its 1000 words.
-    assert any(" cancelled at " in line for line in lines)
+    # The stream stopped in the worker long before its 1000 words: the handler saw
+    # context.cancelled, or the worker closed its generator between two words first.
     assert sum(" word " in line for line in lines) < 1000
     # The worker was not held: it answers the next request at once.
     assert srv.predict("words", b"next").content == b"NEXT"
