@@ -44,6 +44,9 @@ MAX_BACKOFF = 30.0  # s between two starts of one slot, at most
 SpawnWorker = Callable[[str, Load, Mapping[str, str], int], WorkerProcess]
 
 
+#: Seconds to wait for a dead worker's exit status, which decides its batch's answer (507 for an
+#: outside SIGKILL): it follows the socket's EOF closely, through the template when forked.
+EXIT_STATUS_WAIT = 2.0
 #: Seconds a worker must have served for its death to restart it at once (backoff forgotten).
 STABLE_SECONDS = 10.0
 
@@ -536,11 +539,11 @@ class Supervisor:
                 if not timed_out:
                     # The exit status tells an OOM kill from a crash; it follows the EOF closely.
                     try:
-                        await process.wait_exit(0.5)
+                        await process.wait_exit(EXIT_STATUS_WAIT)
                     except asyncio.CancelledError:
                         # The other lane saw the death first and ends this one: the status still
                         # decides this batch's answer (507 or 500), so it is awaited all the same.
-                        await process.wait_exit(0.5)
+                        await process.wait_exit(EXIT_STATUS_WAIT)
                         raise
             finally:
                 # Also when the exit, seen meanwhile, cancels this lane: the batch is answered.
