@@ -47,8 +47,8 @@ def main() -> None:
     }
     half = infer("half", "FP16", np.array([0.5, 1.5, -2.0], dtype=np.float16))
     out["fp16"] = {"data": half.as_numpy("OUTPUT0").tolist(), "dtype": str(half.as_numpy("OUTPUT0").dtype)}
-    brain = infer("brain", "BF16", np.array([1.0, 2.5, -3.0], dtype=np.float32))
-    out["bf16"] = {"data": brain.as_numpy("OUTPUT0").tolist()}
+    brain = infer("brain", "BF16", bf16([1.0, 2.5, -3.0]))
+    out["bf16"] = {"data": brain.as_numpy("OUTPUT0").astype(np.float32).tolist()}
     out["typed"] = typed(url, headers)
 
     errors = {}
@@ -68,6 +68,18 @@ def main() -> None:
     out["errors"] = errors
     client.close()
     print(json.dumps(out))
+
+
+def bf16(values: list[float]) -> np.ndarray:
+    """BF16 input as this tritonclient takes it: since r26.06 an ml_dtypes.bfloat16 array, before
+    that float32 values that it truncates."""
+    try:
+        triton.InferInput("INPUT0", [len(values)], "BF16").set_data_from_numpy(np.array(values, dtype=np.float32))
+    except InferenceServerException:
+        import ml_dtypes
+
+        return np.array(values, dtype=ml_dtypes.bfloat16)
+    return np.array(values, dtype=np.float32)
 
 
 def typed(url: str, headers: dict[str, str] | None) -> dict[str, Any]:
