@@ -288,7 +288,11 @@ def test_a_model_that_cannot_come_back_is_logged_and_the_rest_restored(first: Se
     # What was lost is in the log, whole, for whoever wants it back.
     assert '"url": "gone.mar"' in log and '"batch_size": 3' in log
     assert "restored echo 1.0" in log and "(1 of 2 saved)" in log
-    assert [m["name"] for m in json.loads(snapshot_file(second).read_text())["models"]] == ["echo"]
+    # Written once the restore has ended, a moment after its log lines.
+    wait_for(
+        lambda: [m["name"] for m in json.loads(snapshot_file(second).read_text())["models"]] == ["echo"],
+        what="the snapshot saved without the lost model",
+    )
 
 
 @pytest.mark.parametrize(
