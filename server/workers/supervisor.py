@@ -47,7 +47,8 @@ SpawnWorker = Callable[[str, Load, Mapping[str, str], int], WorkerProcess]
 #: Seconds to wait for a dead worker's exit status, which decides its batch's answer (507 for an
 #: outside SIGKILL): it follows the socket's EOF closely, through the template when forked.
 EXIT_STATUS_WAIT = 2.0
-#: Seconds a worker must have served for its death to restart it at once (backoff forgotten).
+#: Seconds a worker must have served for the restart backoff to be forgotten: a slot's first death
+#: is replaced at once, and so is any after a worker that served this long.
 STABLE_SECONDS = 10.0
 
 
@@ -373,8 +374,8 @@ class Supervisor:
             # may outlast its slot.
             process.kill()
             await process.wait_exit(10)
-            # A worker that had served a while is replaced at once (from the template, in
-            # milliseconds); one that keeps dying soon after its start waits longer each time.
+            # A death is replaced at once (from the template, in milliseconds); replacements that
+            # keep dying soon after their start wait longer each time.
             if time.time() - slot.loaded_at >= STABLE_SECONDS:
                 failures = 0
             delay = backoff(failures)
