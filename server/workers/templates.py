@@ -87,6 +87,8 @@ class Template:
         ours.setblocking(False)
         self._sock = ours
         self._ready = loop.create_future()
+        # Marked as seen: a start cancelled meanwhile (the server stopping) leaves nobody to read it.
+        self._ready.add_done_callback(_seen)
         loop.add_reader(ours.fileno(), self._readable)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
@@ -199,6 +201,11 @@ class Template:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _fd_bytes(*fds: int) -> bytes:
