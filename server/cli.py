@@ -122,11 +122,16 @@ def _config(options: dict[str, Any]) -> ServerConfig:
         config = load_config(Path(path) if path else None, env=env, overrides=overrides)
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from None
+    require_model_store(config)
+    return config
+
+
+def require_model_store(config: ServerConfig) -> None:
+    """TorchServe's one-line refusal when the model store is not given or not a directory."""
     if config.model_store is None:
         raise click.ClickException("Missing mandatory parameter --model-store")
     if not Path(config.model_store).is_dir():
         raise click.ClickException(f"--model-store directory not found: {config.model_store}")
-    return config
 
 
 def _snapshots(config: ServerConfig, ncs: bool) -> SnapshotPlan:

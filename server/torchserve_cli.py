@@ -129,7 +129,7 @@ def cli(action: str, **options: Any) -> int:
 
 def _config(options: dict[str, Any], env: Mapping[str, str], kserve: bool) -> ServerConfig:
     """The configuration ``serve`` would read from these flags, moved to KServe's ports if ``kserve``."""
-    from .cli import config_overrides
+    from .cli import config_overrides, require_model_store
 
     path = env.get("TS_CONFIG_FILE") or options["ts_config"]
     if path is None and Path("config.properties").is_file():
@@ -145,10 +145,7 @@ def _config(options: dict[str, Any], env: Mapping[str, str], kserve: bool) -> Se
             config = load_config(Path(path) if path else None, env=env, overrides={**overrides, **moved})
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration: {exc}") from None
-    if config.model_store is None:
-        raise click.ClickException("Missing mandatory parameter --model-store")
-    if not Path(config.model_store).is_dir():
-        raise click.ClickException(f"--model-store directory not found: {config.model_store}")
+    require_model_store(config)
     return config
 
 

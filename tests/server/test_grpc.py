@@ -1,5 +1,5 @@
 """gRPC against a real in-process server, with clients we did not write: stubs that grpcio-tools
-generates here from TorchServe 0.12's own .proto files (tests/assets/grpc/), KServe's
+generates here from TorchServe 0.12's own .proto files (vendored unchanged in server/grpc/protos/), KServe's
 InferenceGRPCClient, grpcio's health and reflection clients. Triton's gRPC client runs in a process
 of its own (test_grpc_triton.py)."""
 
@@ -27,7 +27,8 @@ from kserve import InferenceGRPCClient, InferInput, InferRequest
 
 from tests.conftest import Model, Server, ServerFactory, free_port, make_mar, wait_for
 
-ASSETS = Path(__file__).parents[1] / "assets"
+#: TorchServe's inference.proto and management.proto as marserve vendors them, unchanged.
+PROTOS = Path(__file__).parents[2] / "server" / "grpc" / "protos"
 TS_INFERENCE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 TS_MANAGEMENT = "org.pytorch.serve.grpc.management.ManagementAPIsService"
 OIP = "inference.GRPCInferenceService"
@@ -102,7 +103,7 @@ def ts(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("torchserve-stubs")
     includes = [Path(grpc_tools.__file__).parent / "_proto", Path(google.rpc.status_pb2.__file__).parents[2]]
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ASSETS / 'grpc'}", *(f"-I{d}" for d in includes),
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", *(f"-I{d}" for d in includes),
          f"--python_out={out}", f"--grpc_python_out={out}", "inference.proto", "management.proto"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
