@@ -19,7 +19,7 @@ without it the metadata lists none.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadRequest, ServerError
@@ -31,6 +31,7 @@ from ..metrics.recording import Metrics
 from ..models.batching import Reply
 from ..models.registry import ModelRegistry
 from ..models.version import ModelVersion
+from ..oip_signature import PLATFORM, read_signature
 from ..version import marserve_version
 from .dataplane import fallback, json_answer, kserve_error, queue_job, server_ready
 
@@ -41,10 +42,6 @@ EXTENSIONS = ("binary_tensor_data",)
 #: What a model's metadata reports as its platform unless its ``oip`` signature names one: OIP's
 #: ``<project>_<format>`` for a TorchServe archive, whose handler may run eager, TorchScript or
 #: exported models alike.
-PLATFORM = "pytorch_torchserve"
-DATATYPES = frozenset(
-    ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BF16", "BYTES")
-)
 _GET = methods("GET")
 _POST = methods("POST")
 
@@ -141,36 +138,14 @@ Tensor = dict[str, Any]
 
 
 def signature(model: ModelVersion) -> tuple[list[Tensor], list[Tensor], str]:
-    """The model's tensors (inputs, outputs) and platform from its model YAML's ``oip`` key; none
-    without one. The worker reads the same key when it loads (a shape left out is ``[]``); a
-    signature that is not what the key documents is a 500 naming what is wrong."""
-    spec = model.model_yaml_config.get("oip")
-    if spec is None:
+    """The model's tensors (inputs, outputs) and platform from its model YAML's ``oip`` key, as the
+    worker reads it (``oip_signature``); none without one. A signature that is not what the key
+    documents is a 500 naming what is wrong."""
+    try:
+        read = read_signature(model.model_yaml_config)
+    except ValueError as exc:
+        raise ServerError(f"model {model.name} version {model.version}: {exc}") from None
+    if read is None:
         return [], [], PLATFORM
-    where = f"model {model.name} version {model.version}: its model config's oip"
-    if not isinstance(spec, Mapping):
-        raise ServerError(f"{where} must be a mapping with inputs and outputs")
-    platform = spec.get("platform", PLATFORM)
-    if not isinstance(platform, str) or not platform:
-        raise ServerError(f"{where}.platform must be a non-empty string")
-    return _tensors(spec, "inputs", where), _tensors(spec, "outputs", where), platform
-
-
-def _tensors(spec: Mapping[str, Any], key: str, where: str) -> list[Tensor]:
-    entries = spec.get(key) or []
-    if not isinstance(entries, list):
-        raise ServerError(f"{where}.{key} must be a list of tensors")
-    tensors = []
-    for i, entry in enumerate(entries):
-        at = f"{where}.{key}[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ServerError(f"{at} must be a mapping with name, datatype and shape")
-        name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape", [])
-        if not isinstance(name, str) or not name:
-            raise ServerError(f"{at}.name must be a non-empty string")
-        if datatype not in DATATYPES:
-            raise ServerError(f"{at}.datatype must be one of {', '.join(sorted(DATATYPES))}, not {datatype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= -1 for d in shape):
-            raise ServerError(f"{at}.shape must be a list of integers, -1 for a variable dimension")
-        tensors.append({"name": name, "datatype": datatype, "shape": shape})
-    return tensors
+    tensors = [[{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in side] for side in (read.inputs, read.outputs)]
+    return tensors[0], tensors[1], read.platform

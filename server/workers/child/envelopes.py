@@ -26,6 +26,7 @@ import numpy as np
 
 from handlers.context import Context, RequestHeaders
 
+from ...oip_signature import Signature, read_signature
 from . import oip
 from .oip import OipError
 
@@ -205,7 +206,7 @@ class Oip(Envelope):
     raw = True
     strict = True
 
-    def __init__(self, signature: oip.Signature | None) -> None:
+    def __init__(self, signature: Signature | None) -> None:
         self.signature = signature
 
     def parse(self, row: dict[str, Any], call: Call) -> tuple[Any, Any]:
@@ -253,7 +254,7 @@ def configured(name: str) -> Envelope:
 def per_request(model_yaml_config: dict[str, Any] | None) -> dict[str, Envelope]:
     """The envelopes a request may name, by name: the routes' (``kserve``, ``oip``) and TorchServe's others."""
     try:
-        signature = oip.read_signature(model_yaml_config)
+        signature = read_signature(model_yaml_config)
     except ValueError as exc:
         # The metadata route reports it; inference goes on with the inputs' names.
         print(f"ignoring the model config's oip signature: {exc}", flush=True)

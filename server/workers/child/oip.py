@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+
+from ...oip_signature import Signature
 
 #: The request header that says where the JSON object ends and binary tensor data begins.
 HEADER_LENGTH = "inference-header-content-length"
@@ -83,58 +85,6 @@ _LENGTH = struct.Struct("<I")
 
 
 # -- the model's signature ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1: any size
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The tensors a model declares under ``oip`` in its model YAML."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def input(self, name: str) -> TensorSpec | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
-
-
-def read_signature(model_yaml_config: Mapping[str, Any] | None) -> Signature | None:
-    """The ``oip`` key of a model YAML (``{inputs: [{name, datatype, shape}], outputs: [...]}``);
-    None without one. ValueError, naming the problem, for one that is not that."""
-    spec = (model_yaml_config or {}).get("oip")
-    if spec is None:
-        return None
-    if not isinstance(spec, Mapping):
-        raise ValueError("the model config's oip must be a mapping with inputs and outputs")
-    return Signature(_specs(spec, "inputs"), _specs(spec, "outputs"))
-
-
-def _specs(spec: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
-    entries = spec.get(key) or []
-    if not isinstance(entries, list):
-        raise ValueError(f"oip.{key} must be a list of tensors")
-    specs = []
-    for i, entry in enumerate(entries):
-        where = f"oip.{key}[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a mapping with name, datatype and shape")
-        name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape", [])
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}.name must be a non-empty string")
-        if datatype not in DATATYPES:
-            raise ValueError(f"{where}.datatype must be one of {', '.join(DATATYPES)}, not {datatype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= -1 for d in shape):
-            raise ValueError(f"{where}.shape must be a list of integers, -1 for a variable dimension")
-        specs.append(TensorSpec(name, datatype, tuple(shape)))
-    return tuple(specs)
 
 
 # -- requests -------------------------------------------------------------------------------------
