@@ -31,7 +31,8 @@ from .service import Service
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Exit with the parent, even one killed with SIGKILL (Linux), or now if it is already gone."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     # SIGTERM from the frontend means stop now; the default handler already does that, and
     # SIGINT (a Ctrl-C on the foreground server's terminal) is the frontend's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,6 +35,9 @@ import time
 import traceback
 from typing import Any
 
+from .main import die_with_parent
+from .main import main as run_worker
+
 _MAX_MESSAGE = 1 << 20
 
 
@@ -79,9 +82,7 @@ def _become_worker(request: dict[str, Any], fds: list[int], sock: socket.socket,
     threads = env.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
-    from .main import main
-
-    return main(["--fd", str(channel_fd), "--parent", str(os.getppid())])
+    return run_worker(["--fd", str(channel_fd), "--parent", str(os.getppid())])
 
 
 def _fork(request: dict[str, Any], fds: list[int], sock: socket.socket, wakeup: tuple[int, int]) -> None:
@@ -147,35 +148,22 @@ def serve(sock: socket.socket) -> int:
             _fork(*received, sock, wakeup)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
-        sys.exit(1)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.workers.child.template")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     started = time.perf_counter()
     try:
-        # What every worker needs, imported once here. Nothing that starts threads or touches a
-        # device: torchvision and the vision handlers load in the workers that use them.
+        # What every worker needs, imported once here (the worker's own code came with .main).
+        # Nothing that starts threads or touches a device: torchvision and the vision handlers
+        # load in the workers that use them.
         import torch  # noqa: F401
 
         import handlers.base_handler  # noqa: F401
-
-        from . import main as worker_main  # noqa: F401
-        from . import service  # noqa: F401
     except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which spawns workers instead
         _send(sock, {"failed": f"{type(exc).__name__}: {exc}"})
         return 1
