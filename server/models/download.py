@@ -27,7 +27,7 @@ import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -102,17 +102,26 @@ async def download(url: str, destination: Path, *, allowed: Callable[[str], bool
     """
     if os.path.lexists(destination):
         raise ArchiveExists(destination.name)
+    with landing(url, destination) as sink:
+        await _fetch(url, sink, allowed, max_size)
+
+
+@contextlib.contextmanager
+def landing(url: str, destination: Path) -> Iterator[IO[bytes]]:
+    """A file to write ``url``'s archive into: a ``.part`` file beside ``destination`` that takes
+    its name when the block ends without an error, and is removed otherwise (all or nothing).
+    OSError becomes DownloadFailed; ArchiveExists if ``destination`` appeared meanwhile."""
     try:
         fd, part_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
     except OSError as exc:
-        raise DownloadFailed(url, f"cannot write to the model store: {exc.strerror or exc}") from None
+        raise DownloadFailed(url, f"cannot write to {destination.parent}: {exc.strerror or exc}") from None
     part = Path(part_name)
     try:
         with os.fdopen(fd, "wb") as sink:
-            await _fetch(url, sink, allowed, max_size)
+            yield sink
         _link_into_place(part, destination)
     except OSError as exc:
-        raise DownloadFailed(url, f"cannot write to the model store: {exc.strerror or exc}") from None
+        raise DownloadFailed(url, f"cannot write to {destination.parent}: {exc.strerror or exc}") from None
     finally:
         part.unlink(missing_ok=True)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ArchiveExists, DownloadFailed
-from .download import _link_into_place
+from .download import landing
 
 _CHUNK = 1 << 20
 CONNECT_TIMEOUT = 10.0
@@ -109,41 +108,30 @@ async def download(url: str, destination: Path, *, environ: Mapping[str, str], m
 
 def _download(url: str, bucket: str, key: str, destination: Path, environ: Mapping[str, str], max_size: int) -> None:
     too_big = f"the archive is larger than max_download_size ({max_size} bytes)"
-    try:
-        fd, part_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
-    except OSError as exc:
-        raise DownloadFailed(url, f"cannot write to {destination.parent}: {exc.strerror or exc}") from None
-    part = Path(part_name)
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            try:
-                s3 = client(environ)
-                answer = s3.get_object(Bucket=bucket, Key=key)
-            except DownloadFailed:
-                raise
-            except Exception as exc:  # noqa: BLE001 - botocore's errors, worded by _reason
-                raise DownloadFailed(url, _reason(exc)) from None
-            body = answer["Body"]
-            try:
-                if int(answer.get("ContentLength") or 0) > max_size:
+    with landing(url, destination) as sink:
+        try:
+            s3 = client(environ)
+            answer = s3.get_object(Bucket=bucket, Key=key)
+        except DownloadFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's errors, worded by _reason
+            raise DownloadFailed(url, _reason(exc)) from None
+        body = answer["Body"]
+        try:
+            if int(answer.get("ContentLength") or 0) > max_size:
+                raise DownloadFailed(url, too_big)
+            received = 0
+            for chunk in body.iter_chunks(_CHUNK):
+                received += len(chunk)
+                if received > max_size:
                     raise DownloadFailed(url, too_big)
-                received = 0
-                for chunk in body.iter_chunks(_CHUNK):
-                    received += len(chunk)
-                    if received > max_size:
-                        raise DownloadFailed(url, too_big)
-                    sink.write(chunk)
-            except DownloadFailed:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a connection lost mid-body
-                raise DownloadFailed(url, _reason(exc)) from None
-            finally:
-                body.close()
-        _link_into_place(part, destination)
-    except OSError as exc:
-        raise DownloadFailed(url, f"cannot write to {destination.parent}: {exc.strerror or exc}") from None
-    finally:
-        part.unlink(missing_ok=True)
+                sink.write(chunk)
+        except DownloadFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a connection lost mid-body
+            raise DownloadFailed(url, _reason(exc)) from None
+        finally:
+            body.close()
 
 
 def list_objects(s3: Any, url: str) -> list[S3Object]:
