@@ -34,13 +34,7 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
         params = request.query
         limit = _int(params, "limit")
         limit = 100 if limit is None or limit > 100 or limit < 0 else limit
-        start = _int_or_zero(params.get("next_page_token"))
-        names = registry.names()
-        listing: dict[str, Any] = {}
-        if start + limit < len(names):
-            listing["nextPageToken"] = str(start + limit)
-        listing["models"] = [{"modelName": n, "modelUrl": registry.get(n).url} for n in names[start : start + limit]]
-        return json_response(listing)
+        return json_response(list_page(registry, _int_or_zero(params.get("next_page_token")), limit))
 
     async def register(request: Request) -> Response:
         require_model_api()
@@ -166,6 +160,17 @@ def routes(registry: ModelRegistry, auth: TokenAuth | None, config: ServerConfig
         # Without tokens there is nothing to rotate: 404, as in TorchServe.
         table.append(Route("/token", rotate_token, methods("GET"), API, reads_body=False))
     return table
+
+
+def list_page(registry: ModelRegistry, start: int, limit: int) -> dict[str, Any]:
+    """TorchServe's list of models, ``limit`` of them from ``start`` by name, with the token of the
+    next page if there is one (REST's and gRPC's ListModels)."""
+    names = registry.names()
+    listing: dict[str, Any] = {}
+    if start + limit < len(names):
+        listing["nextPageToken"] = str(start + limit)
+    listing["models"] = [{"modelName": n, "modelUrl": registry.get(n).url} for n in names[start : start + limit]]
+    return listing
 
 
 def describe_versions(registry: ModelRegistry, name: str, version: str | None) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ import orjson
 from google.protobuf import empty_pb2
 from grpc import StatusCode
 
-from ..apis.management import describe_versions
+from ..apis.management import describe_versions, list_page
 from ..config import ServerConfig
 from ..errors import ServerError
 from ..http.auth import INFERENCE, MANAGEMENT
@@ -258,13 +258,7 @@ def management_service(rpcs: Rpcs, registry: ModelRegistry, config: ServerConfig
     async def list_models(request: Any, call: Call) -> Any:
         # Unset (0) is the proto's documented default of 100, as is anything past 100.
         limit = request.limit if 0 < request.limit <= 100 else 100
-        start = max(0, request.next_page_token)
-        names = registry.names()
-        listing: dict[str, Any] = {}
-        if start + limit < len(names):
-            listing["nextPageToken"] = str(start + limit)
-        listing["models"] = [{"modelName": n, "modelUrl": registry.get(n).url} for n in names[start : start + limit]]
-        return as_json(listing)
+        return as_json(list_page(registry, max(0, request.next_page_token), limit))
 
     async def describe_model(request: Any, call: Call) -> Any:
         # ``customized`` asks TorchServe's worker for its describe_handle(); marserve's REST
