@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .config import ConfigError, ServerConfig, load_config
+from .models.workdirs import process_start
 from .version import TORCHSERVE_VERSION, marserve_version
 
 if TYPE_CHECKING:
@@ -38,14 +39,27 @@ def _running_pid() -> int | None:
     try:
         pid = int(path.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        written = path.stat().st_mtime
     except (OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
-    # Another program may have been given the pid of a server that died without cleaning up.
-    if b"serve" not in cmdline:
+    # Another program, even another marserve, may have been given the pid of a server that died
+    # without cleaning up: the recorded server had started before it wrote the file.
+    if b"serve" not in cmdline or _started_after(pid, written):
         path.unlink(missing_ok=True)
         return None
     return pid
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` started after the epoch time ``when`` (a second of slack: /proc
+    gives the boot time in whole seconds); False where /proc cannot tell."""
+    start = process_start(pid)
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return start is not None and boot + start / os.sysconf("SC_CLK_TCK") > when + 1
 
 
 class _OneLineCommand(click.Command):

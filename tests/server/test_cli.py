@@ -70,6 +70,18 @@ def test_background_start_second_start_and_stop(tmp_path: Path) -> None:
         assert os.getsid(pid) == pid
         workers = [p for p in _children(pid) if b"server.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert workers
+        # A stale pid file elsewhere that names this server's pid (written before it started, as by a
+        # server that died and whose pid was given again) stops nothing.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        stale = elsewhere / ".marserve.pid"
+        stale.write_text(str(pid))
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
+        other = subprocess.run(
+            [str(BIN / "serve"), "--stop"], env={**server.env, "TMPDIR": str(elsewhere)}, capture_output=True, text=True
+        )
+        assert other.stdout.strip() == "marserve is not currently running."
+        assert not stale.exists() and server.predict("echo", b"still").status_code == 200
     finally:
         stopped = run(server, "--stop")
     assert stopped.returncode == 0
