@@ -43,7 +43,6 @@ import resource
 import shutil
 import signal
 import statistics
-import socket
 import struct
 import subprocess
 import sys
@@ -54,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from bench.ports import free_port  # scripts/bench/ports.py
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
@@ -127,11 +128,6 @@ class Result:
     #: h2load gives no percentiles: p50 holds the mean and p99 the slowest request, p90 none.
     mean_latency: bool = False
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

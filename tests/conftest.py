@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import pytest
 import uvloop
 
 from archiver import MANIFEST_PATH, ArchiveSpec, build_archive
+from scripts.bench.ports import free_port
 
 ASSETS = Path(__file__).parent / "assets"
 BIN = Path(sys.executable).parent
@@ -44,11 +44,6 @@ BIN = Path(sys.executable).parent
 SERVER_MARKER = "MARSERVE_TEST_SERVER"
 _server_ids = itertools.count(1)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from ports import free_port  # scripts/bench/ports.py
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MARSERVE_BIN = ROOT / ".venv" / "bin"
@@ -49,12 +50,6 @@ class Burst:
     seconds: float  # from the first request sent to the last answer
     errors: int
     most_workers: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], fraction: float) -> float:

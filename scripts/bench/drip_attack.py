@@ -21,14 +21,11 @@ import threading
 import time
 from pathlib import Path
 
+from ports import free_port  # scripts/bench/ports.py
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / ".venv" / "bin" / "serve"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:

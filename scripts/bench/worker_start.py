@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from ports import free_port  # scripts/bench/ports.py
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MARSERVE_BIN = ROOT / ".venv" / "bin"
@@ -52,11 +53,6 @@ class Echo(BaseHandler):
         return [bytes(x) for x in data]
 '''
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def until(condition: Callable[[], bool], timeout: float = 120) -> None:

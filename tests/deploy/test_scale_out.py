@@ -4,6 +4,7 @@ each server in turn is stopped (SIGTERM, as Kubernetes stops a pod) and started 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ from tests.conftest import make_mar
 
 
 def _scale_out() -> ModuleType:
-    path = Path(__file__).parents[2] / "scripts" / "bench" / "scale_out.py"
+    bench = Path(__file__).parents[2] / "scripts" / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))  # scale_out imports its neighbour ports.py, as when run as a script
+    path = bench / "scale_out.py"
     spec = importlib.util.spec_from_file_location("scale_out", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
