@@ -53,7 +53,7 @@ def _listeners(
     count = 3 if config.enable_metrics_api else 2
     if config.management_address == config.inference_address:
         count -= 1
-    # Each worker holds three of the frontend's files (its socket, its output pipe, a pidfd).
+    # Each worker holds three of the frontend's files (its socket, its output socket, a pidfd).
     max_connections = connection_cap(config.max_connections, count, reserved=3 * registry.caps.total + 256)
 
     def listener(api: str, router: Router) -> Listener:

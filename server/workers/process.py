@@ -189,27 +189,33 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ours, theirs = socket.socketpair()
+        # The worker's output comes over a socket, not a pipe: uvloop closes a pipe's descriptor
+        # twice (libuv, then the file object), and in that instant another thread may have been
+        # given the same number; a socket it detaches instead.
+        output, their_output = socket.socketpair()
         env = process_environment(self.env, self.threads)
-        forked = await self._fork(env, theirs, ours)
-        if forked is not None:
-            self.process = forked
-            self._exited = forked.exited
-        else:
-            spawn = loop.run_in_executor(None, self._spawn, env, theirs)
-            try:
-                # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
-                self.process = await asyncio.shield(spawn)
-            except asyncio.CancelledError:
-                ours.close()
-                spawn.add_done_callback(_kill_spawned)
-                raise
-            except OSError as exc:
-                ours.close()
-                raise WorkerError(f"cannot start the worker process: {exc}") from None
-            self._exited = _watch_exit(self.process, loop)
+        try:
+            forked = await self._fork(env, theirs, their_output)
+            if forked is not None:
+                self.process = forked
+                self._exited = forked.exited
+            else:
+                spawn = loop.run_in_executor(None, self._spawn, env, theirs, their_output)
+                try:
+                    # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
+                    self.process = await asyncio.shield(spawn)
+                except asyncio.CancelledError:
+                    spawn.add_done_callback(_kill_spawned)
+                    raise
+                except OSError as exc:
+                    raise WorkerError(f"cannot start the worker process: {exc}") from None
+                self._exited = _watch_exit(self.process, loop)
+        except BaseException:
+            ours.close()
+            output.close()
+            raise
         self.started_at = time.time()
-        assert self.process.stdout is not None
-        self._log_task = asyncio.create_task(self._forward_output(self.process.stdout))
+        self._log_task = asyncio.create_task(self._forward_output(output))
         try:
             _, self._channel = await loop.create_unix_connection(WorkerChannel, sock=ours)
         except OSError as exc:
@@ -234,35 +240,36 @@ class WorkerProcess:
             self.kill()
             raise WorkerError(loaded.message, loaded.code)
 
-    async def _fork(self, env: dict[str, str], theirs: socket.socket, ours: socket.socket) -> ForkedWorker | None:
-        """The worker forked from the template, or None: spawn it (``theirs`` is then still open)."""
+    async def _fork(self, env: dict[str, str], channel: socket.socket, output: socket.socket) -> ForkedWorker | None:
+        """The worker forked from the template, or None: spawn it (``channel`` and ``output`` are
+        then still open)."""
         if self.templates is None:
             return None
-        fork = asyncio.ensure_future(self.templates.fork(env, self.load.model_dir, theirs))
+        fork = asyncio.ensure_future(self.templates.fork(env, self.load.model_dir, channel, output))
         try:
             # Shielded: a start cancelled meanwhile must still learn the pid, to kill it.
             return await asyncio.shield(fork)
         except asyncio.CancelledError:
-            ours.close()
             fork.add_done_callback(_kill_forked)
             raise
 
-    def _spawn(self, env: dict[str, str], theirs: socket.socket) -> subprocess.Popen[bytes]:
-        # In a thread of the default executor. The worker's end of the socket is closed here, once
-        # the child has it, whatever happens to the start meanwhile.
+    def _spawn(self, env: dict[str, str], channel: socket.socket, output: socket.socket) -> subprocess.Popen[bytes]:
+        # In a thread of the default executor. The worker's ends of its sockets are closed here,
+        # once the child has them, whatever happens to the start meanwhile.
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "server.workers.child", "--fd", str(theirs.fileno()), "--parent", str(os.getpid())],
-                pass_fds=[theirs.fileno()],
+                [sys.executable, "-m", "server.workers.child", "--fd", str(channel.fileno()), "--parent", str(os.getpid())],
+                pass_fds=[channel.fileno()],
                 cwd=self.load.model_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=output.fileno(),
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         finally:
-            theirs.close()
+            channel.close()
+            output.close()
 
     def submit(self, batch: list[Job], on_piece: Callable[[Piece, bytes], None] | None = None) -> Exchange:
         """Send one batch to the worker, which runs it when it has answered those sent before;
@@ -349,10 +356,14 @@ class WorkerProcess:
             await asyncio.gather(self._log_task, return_exceptions=True)
         return code
 
-    async def _forward_output(self, pipe: Any) -> None:
+    async def _forward_output(self, output: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            transport, _ = await loop.create_unix_connection(lambda: asyncio.StreamReaderProtocol(reader), sock=output)
+        except BaseException:
+            output.close()
+            raise
         model_log = logging.getLogger(f"marserve.model.{self.load.model_name}")
         try:
             while True:
@@ -429,8 +440,6 @@ def _kill_forked(fork: asyncio.Future[ForkedWorker | None]) -> None:
     forked = fork.result()
     if forked is not None:
         _kill_group(forked.pid)
-        if forked.stdout is not None:
-            forked.stdout.close()
 
 
 def _kill_spawned(spawn: asyncio.Future[subprocess.Popen[bytes]]) -> None:
@@ -443,5 +452,3 @@ def _kill_spawned(spawn: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     except ProcessLookupError:
         pass
     _watch_exit(process, asyncio.get_running_loop())
-    if process.stdout is not None:
-        process.stdout.close()

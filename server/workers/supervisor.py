@@ -328,6 +328,9 @@ class Supervisor:
     async def _supervise(self, slot: WorkerSlot) -> None:
         try:
             await self._keep_alive(slot)
+        except Exception:
+            # A bug, not a worker's fault: said once, with its traceback, rather than lost in a task.
+            log.exception("worker %s of %s:%s: supervision failed", slot.id, self.name, self.version)
         finally:
             _stopped(slot)
 

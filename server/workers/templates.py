@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import Any
 
 from .placement import process_environment
 
@@ -40,9 +40,8 @@ class ForkedWorker:
     """A worker forked by a template: what ``WorkerProcess`` needs of a ``subprocess.Popen``.
     Its exit status comes from the template, which is its parent and reaps it."""
 
-    def __init__(self, pid: int, stdout: IO[bytes], exited: asyncio.Future[int]) -> None:
+    def __init__(self, pid: int, exited: asyncio.Future[int]) -> None:
         self.pid = pid
-        self.stdout: IO[bytes] | None = stdout
         self.exited = exited
 
     @property
@@ -106,34 +105,29 @@ class Template:
         finally:
             theirs.close()
 
-    async def fork(self, env: Mapping[str, str], cwd: str, channel: socket.socket) -> ForkedWorker:
+    async def fork(self, env: Mapping[str, str], cwd: str, channel: socket.socket, output: socket.socket) -> ForkedWorker:
         """A new worker running ``python -m server.workers.child`` on ``channel`` (the worker's end
-        of its socket pair, closed once the worker has it); RuntimeError if the template cannot
-        fork it, ``channel`` then left open."""
+        of its socket pair) with ``output`` as its stdout and stderr, both closed here once the
+        worker has them; RuntimeError if the template cannot fork it, both then left open."""
         assert self._sock is not None
         loop = asyncio.get_running_loop()
-        output_read, output_write = os.pipe()
         request_id = next(self._ids)
         reply: asyncio.Future[int] = loop.create_future()
         self._replies[request_id] = reply
         message = json.dumps({"id": request_id, "env": dict(env), "cwd": cwd}).encode()
         try:
-            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(channel.fileno(), output_write))])
+            self._sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_bytes(channel.fileno(), output.fileno()))])
             pid = await reply
         except OSError as exc:
-            os.close(output_read)
             raise RuntimeError(f"cannot reach the worker template: {exc}") from None
-        except BaseException:
-            os.close(output_read)
-            raise
         finally:
             self._replies.pop(request_id, None)
-            os.close(output_write)
-        channel.close()  # the worker has its own copy now
+        channel.close()  # the worker has its own copies now
+        output.close()
         exited = self._children[pid] = loop.create_future()
         if pid in self._early_exits:
             exited.set_result(self._early_exits.pop(pid))
-        return ForkedWorker(pid, os.fdopen(output_read, "rb", buffering=0), exited)
+        return ForkedWorker(pid, exited)
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -239,8 +233,11 @@ class WorkerTemplates:
         path = env.get("PYTHONPATH", "")
         return path in (model_dir, os.pathsep.join(p for p in (model_dir, self._base_path) if p))
 
-    async def fork(self, env: Mapping[str, str], cwd: str, channel: socket.socket) -> ForkedWorker | None:
-        """A worker forked from the template, or None: spawn it (``channel`` is then left open)."""
+    async def fork(
+        self, env: Mapping[str, str], cwd: str, channel: socket.socket, output: socket.socket
+    ) -> ForkedWorker | None:
+        """A worker forked from the template, or None: spawn it (``channel`` and ``output`` are
+        then left open)."""
         if self._given_up or not self.eligible(env, cwd):
             return None
         template = self._template if self._template is not None and self._template.alive else None
@@ -253,7 +250,7 @@ class WorkerTemplates:
             if template is None:
                 return None
         try:
-            return await template.fork(env, cwd, channel)
+            return await template.fork(env, cwd, channel, output)
         except RuntimeError as exc:
             log.warning("the worker template could not fork a worker (%s); this one is spawned", exc)
             return None

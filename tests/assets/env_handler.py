@@ -10,6 +10,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 class EnvReporter(BaseHandler):
     def initialize(self, context):
+        print(f"env reporter loaded in pid {os.getpid()}", flush=True)  # the worker's output, for the server log
         self.initialized = True
 
     def preprocess(self, data):

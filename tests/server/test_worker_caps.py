@@ -130,7 +130,8 @@ def test_the_total_counts_every_model_version(server: Server) -> None:
     assert scale(server, "b", min_worker=1, max_worker=3).status_code == 200
     # Workers given back make room at once, even those still leaving.
     assert server.http.put(f"{server.management}/models/a", params={"min_worker": 1}).status_code == 202
-    assert scale(server, "b", min_worker=3).status_code == 200
+    scaled = scale(server, "b", min_worker=3)
+    assert scaled.status_code == 200, scaled.text
     assert (workers(server, "a"), workers(server, "b")) == (1, 3)
     assert len(server.worker_pids()) == 4
 

@@ -93,6 +93,21 @@ def test_with_the_template_off_workers_are_spawned(start_server: ServerFactory, 
     assert report(server)["loaded"] == []
 
 
+@pytest.mark.parametrize("template", ["true", "false"])
+def test_a_worker_s_output_reaches_the_server_log_over_a_socket(
+    start_server: ServerFactory, tmp_path: Path, template: str
+) -> None:
+    # Not a pipe: uvloop closes a pipe's descriptor twice (libuv, then the file object), and a
+    # thread of the server given the same number in that instant lost it (CI saw a worker's start
+    # fail with EBADF while other workers stopped). A socket uvloop detaches instead.
+    server = start_server(f"worker_template={template}\n", root=tmp_path)
+    install(server)
+    [pid] = worker_pids(server)
+    assert os.readlink(f"/proc/{pid}/fd/1").startswith("socket:")
+    assert os.readlink(f"/proc/{pid}/fd/2").startswith("socket:")
+    wait_for(lambda: f"env reporter loaded in pid {pid}" in server.log.read_text(), 10, "the worker's line in the log")
+
+
 def test_only_the_server_s_environment_is_forked() -> None:
     templates = WorkerTemplates({"PATH": "/bin", "PYTHONPATH": "/srv/lib"})
     base = {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}

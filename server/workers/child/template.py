@@ -11,7 +11,7 @@ It speaks over a SOCK_SEQPACKET socket to the frontend (``server/workers/templat
 message a packet:
 
 - frontend → template: ``{"id": n, "env": {...}, "cwd": "..."}`` with two descriptors attached
-  (the worker's end of its socket pair, the write end of its output pipe);
+  (the worker's end of its socket pair, the worker's end of its output socket);
 - template → frontend: ``{"ready": pid}`` once the imports are done (or ``{"failed": why}``),
   ``{"id": n, "pid": p}`` (or ``{"id": n, "error": why}``) for each fork, and ``{"exit": p,
   "code": c}`` when a worker ends (``c`` as subprocess gives it: negative for a signal).
