@@ -189,9 +189,9 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ours, theirs = socket.socketpair()
-        # The worker's output comes over a socket, not a pipe: uvloop closes a pipe's descriptor
-        # twice (libuv, then the file object), and in that instant another thread may have been
-        # given the same number; a socket it detaches instead.
+        # The worker's output comes over a socket, not a pipe: uvloop's connect_read_pipe closes
+        # a pipe's descriptor twice (the file object, then libuv; MagicStack/uvloop#763), and a
+        # thread given the same number in between loses it. A socket, uvloop detaches instead.
         output, their_output = socket.socketpair()
         env = process_environment(self.env, self.threads)
         try:

@@ -97,9 +97,9 @@ def test_with_the_template_off_workers_are_spawned(start_server: ServerFactory, 
 def test_a_worker_s_output_reaches_the_server_log_over_a_socket(
     start_server: ServerFactory, tmp_path: Path, template: str
 ) -> None:
-    # Not a pipe: uvloop closes a pipe's descriptor twice (libuv, then the file object), and a
-    # thread of the server given the same number in that instant lost it (CI saw a worker's start
-    # fail with EBADF while other workers stopped). A socket uvloop detaches instead.
+    # Not a pipe: uvloop's connect_read_pipe closes a pipe's descriptor twice (MagicStack/uvloop#763),
+    # and a thread of the server given the same number in between lost it (CI saw a worker's start
+    # fail with EBADF while other workers stopped). A socket, uvloop detaches instead.
     server = start_server(f"worker_template={template}\n", root=tmp_path)
     install(server)
     [pid] = worker_pids(server)
