@@ -28,8 +28,12 @@ def server_ready(srv: Server) -> tuple[int, object]:
 
 def model_ready(srv: Server, name: str) -> bool:
     """The model's readiness, as OIP and KServe v1 both say it (and they must agree)."""
-    v2 = http.get(f"{srv.inference}/v2/models/{name}/ready")
-    v1 = http.get(f"{srv.inference}/v1/models/{name}")
+    while True:
+        # Asked twice over OIP around the KServe v1 call: the state may change between two calls.
+        v2 = http.get(f"{srv.inference}/v2/models/{name}/ready")
+        v1 = http.get(f"{srv.inference}/v1/models/{name}")
+        if http.get(f"{srv.inference}/v2/models/{name}/ready").status_code == v2.status_code:
+            break
     answer = {"name": name, "ready": v2.status_code == 200}
     # KServe v1 adds TF Serving's model_version_status, which names the states of the versions.
     assert v2.json() == {key: v1.json()[key] for key in answer} == answer
