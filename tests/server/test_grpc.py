@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
-from tests.conftest import Model, Server, ServerFactory, free_port, make_mar, wait_for
+from tests.conftest import ASSETS, Model, Server, ServerFactory, free_port, make_mar, wait_for
 
 #: TorchServe's inference.proto and management.proto as marserve vendors them, unchanged.
 PROTOS = Path(__file__).parents[2] / "server" / "grpc" / "protos"
@@ -33,20 +33,6 @@ TS_INFERENCE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 TS_MANAGEMENT = "org.pytorch.serve.grpc.management.ManagementAPIsService"
 OIP = "inference.GRPCInferenceService"
 
-# Doubles its one input tensor (as test_oip_rest.py's), whatever the envelope hands over.
-DOUBLE_HANDLER = """
-import numpy as np
-
-
-def handle(data, context):
-    if data is None:
-        return None
-    out = []
-    for row in data:
-        value = row.get("data") if isinstance(row, dict) else row
-        out.append((np.asarray(value, dtype=np.float32) * 2).flatten().tolist())
-    return out
-"""
 
 
 def signature(datatype: str) -> dict[str, Any]:
@@ -65,8 +51,7 @@ def grpc_config(**extra: object) -> tuple[str, int, int]:
 
 
 def tensor_models(files: Path) -> list[Model]:
-    handler = files / "double_handler.py"
-    handler.write_text(DOUBLE_HANDLER)
+    handler = ASSETS / "double_handler.py"
     models = []
     for name, datatype in (("double", "FP32"), ("half", "FP16"), ("brain", "BF16")):
         config = files / f"{name}.yaml"

@@ -23,20 +23,6 @@ from server.config import ServerConfig
 from server.torchserve_cli import is_container_main, is_kserve, kserve_overrides
 from tests.conftest import ASSETS, BIN, free_port, make_mar, wait_for
 
-# Doubles its input (as test_oip_rest.py's): v1 instances arrive as {"data": ...}, v2 tensors as lists.
-DOUBLE_HANDLER = """
-import numpy as np
-
-
-def handle(data, context):
-    if data is None:
-        return None
-    out = []
-    for row in data:
-        value = row.get("data") if isinstance(row, dict) else row
-        out.append((np.asarray(value, dtype=np.float32) * 2).flatten().tolist())
-    return out
-"""
 SIGNATURE = {
     "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1]}],
     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1]}],
@@ -135,9 +121,7 @@ class KServePod:
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServePod]:
     root = tmp_path_factory.mktemp("kserve-pod")
-    handler = root / "double_handler.py"
-    handler.write_text(DOUBLE_HANDLER)
-    started = KServePod(root, handler).start()
+    started = KServePod(root, ASSETS / "double_handler.py").start()
     try:
         wait_for(started.ready, 60, "the model to be ready")
         yield started
