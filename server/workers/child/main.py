@@ -31,6 +31,20 @@ from .service import Service
 _PR_SET_PDEATHSIG = 1
 
 
+def frontend_socket(prog: str, argv: list[str]) -> socket.socket:
+    """The socket to the frontend (``--fd``), in a process that dies with the frontend (``--parent``)
+    and leaves SIGINT to it: a worker's start, and the worker template's."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent)
+    # SIGTERM from the frontend means stop now; the default handler already does that, and
+    # SIGINT (a Ctrl-C on the foreground server's terminal) is the frontend's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return socket.socket(fileno=args.fd)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Exit with the parent, even one killed with SIGKILL (Linux), or now if it is already gone."""
     try:
@@ -77,15 +91,7 @@ def _load_failure(exc: BaseException) -> Loaded:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.workers.child")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent(args.parent)
-    # SIGTERM from the frontend means stop now; the default handler already does that, and
-    # SIGINT (a Ctrl-C on the foreground server's terminal) is the frontend's to handle.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
+    sock = frontend_socket("python -m server.workers.child", argv)
     frame = protocol.recv_frame(sock)
     if frame is None or frame[0] != protocol.LOAD:
         return 1

@@ -22,7 +22,6 @@ frontend, and its workers die with it (PR_SET_PDEATHSIG); the frontend starts an
 
 from __future__ import annotations
 
-import argparse
 import array
 import gc
 import json
@@ -35,7 +34,7 @@ import time
 import traceback
 from typing import Any
 
-from .main import die_with_parent
+from .main import frontend_socket
 from .main import main as run_worker
 
 _MAX_MESSAGE = 1 << 20
@@ -149,13 +148,7 @@ def serve(sock: socket.socket) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.workers.child.template")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
+    sock = frontend_socket("python -m server.workers.child.template", argv)
     started = time.perf_counter()
     try:
         # What every worker needs, imported once here (the worker's own code came with .main).
