@@ -62,19 +62,21 @@ def _started_after(pid: int, when: float) -> bool:
     return start is not None and boot + start / os.sysconf("SC_CLK_TCK") > when + 1
 
 
-class _OneLineCommand(click.Command):
+class OneLineCommand(click.Command):
+    """A command whose errors are one line (``<prog>: error: ...``) and a non-zero exit."""
+
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.ClickException as exc:
-            click.echo(f"serve: error: {exc.format_message()}", err=True)
+            click.echo(f"{prog_name or self.name}: error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.command(cls=_OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--start", "action", flag_value="start", default=True, help="Start the server (the default).")
 @click.option("--stop", "action", flag_value="stop", help="Stop the running server.")
 @click.option("-v", "--version", "action", flag_value="version", help="Print the version and exit.")

@@ -23,13 +23,14 @@ Two things differ from ``serve``:
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
+from . import cli as serve_cli
+from .cli import OneLineCommand, config_overrides, require_model_store
 from .config import ConfigError, ServerConfig, load_config
 from .version import TORCHSERVE_VERSION, marserve_version
 
@@ -80,7 +81,7 @@ def kserve_overrides(config: ServerConfig, http_port: int, grpc_port: int, metri
     return overrides
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--start", "action", flag_value="start", default=True, help="Start the server (the default).")
 @click.option("--stop", "action", flag_value="stop", help="Stop the running server.")
 @click.option("-v", "--version", "action", flag_value="version", help="Print the version and exit.")
@@ -106,8 +107,6 @@ def kserve_overrides(config: ServerConfig, http_port: int, grpc_port: int, metri
 def cli(action: str, **options: Any) -> int:
     """TorchServe's command line, served by marserve (installed as marserve-torchserve; the image
     links it as torchserve)."""
-    from . import cli as serve_cli
-
     for flag in _IGNORED_FLAGS:
         if options[flag] is not None:
             click.echo(f"torchserve: warning: --{flag.replace('_', '-')} is ignored by marserve", err=True)
@@ -129,8 +128,6 @@ def cli(action: str, **options: Any) -> int:
 
 def _config(options: dict[str, Any], env: Mapping[str, str], kserve: bool) -> ServerConfig:
     """The configuration ``serve`` would read from these flags, moved to KServe's ports if ``kserve``."""
-    from .cli import config_overrides, require_model_store
-
     path = env.get("TS_CONFIG_FILE") or options["ts_config"]
     if path is None and Path("config.properties").is_file():
         path = "config.properties"
@@ -151,11 +148,4 @@ def _config(options: dict[str, Any], env: Mapping[str, str], kserve: bool) -> Se
 
 def main() -> None:
     """Console-script entry point (``marserve-torchserve``; ``torchserve`` in the image)."""
-    try:
-        code = cli.main(prog_name="torchserve", standalone_mode=False)
-    except click.ClickException as exc:
-        click.echo(f"torchserve: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    cli.main(prog_name="torchserve")
